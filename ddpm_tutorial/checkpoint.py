@@ -1,0 +1,114 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``, able to rebuild their model.
+
+A checkpoint is a plain dict of tensors, numbers, strings and lists (nothing that
+needs pickle's arbitrary-code path):
+
+    format      "ddpm_tutorial/1"
+    config      {"model": {...}, "diffusion": {...}, "train": {...}}  (dataclass fields)
+    step        optimiser steps done
+    model       state_dict of the network being trained
+    ema         state_dict of the EMA network (what sampling uses)
+    optimizer   Adam state (absent from the small shipped checkpoint)
+    history     {"loss": [...], "t_bucket_sum": [...], "t_bucket_count": [...]}
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .config import DiffusionConfig, ModelConfig, TrainConfig
+from .schedules import NoiseSchedule
+from .unet import UNet
+
+FORMAT = "ddpm_tutorial/1"
+REQUIRED_KEYS = ("format", "config", "step", "ema")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, unsafe, or does not match the model."""
+
+
+def shipped_checkpoint_path(name: str = "ddpm_fashion_cpu.pt") -> Path:
+    """Path of a checkpoint shipped inside the package (trained by chapter 04's full run)."""
+    return Path(str(resources.files("ddpm_tutorial") / "assets" / name))
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed
+    to disk, then ``os.replace``. An interrupted save leaves the old file (or none), never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint with ``weights_only=True`` (no arbitrary code runs) and check its keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; train one with chapter 04 or "
+                              "`python -m ddpm_tutorial train --out PATH`")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, tampered objects
+        raise CheckpointError(f"{path} is not a readable ddpm_tutorial checkpoint "
+                              f"(corrupt, truncated, or holds objects that weights_only=True "
+                              f"refuses to unpickle): {type(err).__name__}: {err}") from err
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} lacks the keys {REQUIRED_KEYS} of a ddpm_tutorial "
+                              f"checkpoint; it has {have}")
+    if ckpt["format"] != FORMAT:
+        raise CheckpointError(f"{path} has format {ckpt['format']!r}, expected {FORMAT!r}")
+    return ckpt
+
+
+def configs_from_checkpoint(ckpt: dict) -> tuple[ModelConfig, DiffusionConfig, TrainConfig]:
+    cfg = ckpt["config"]
+    try:
+        return (ModelConfig(**cfg["model"]), DiffusionConfig(**cfg["diffusion"]),
+                TrainConfig(**cfg.get("train", {})))
+    except (TypeError, KeyError) as err:
+        raise CheckpointError(f"checkpoint config does not fit this version's dataclasses: {err}") from err
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, what: str = "model") -> None:
+    """``model.load_state_dict`` with an error that names the config mismatch."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        first = str(err).splitlines()[:4]
+        raise CheckpointError(
+            f"the checkpoint's {what} weights do not fit this network: the checkpoint was "
+            f"trained with a different ModelConfig than {getattr(model, 'config', '?')}. "
+            "Rebuild the model from the checkpoint (model_from_checkpoint) instead. "
+            + " ".join(first)) from err
+
+
+def model_from_checkpoint(path_or_ckpt=None, use_ema: bool = True, device="cpu"):
+    """Rebuild (model, schedule, checkpoint) from a checkpoint's own config.
+
+    ``None`` loads the checkpoint shipped with the package. ``use_ema`` picks the EMA
+    weights, which give better samples than the raw weights of the last step.
+    """
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else \
+        load_checkpoint(path_or_ckpt or shipped_checkpoint_path())
+    model_cfg, diffusion_cfg, _ = configs_from_checkpoint(ckpt)
+    model = UNet(model_cfg)
+    key = "ema" if use_ema or "model" not in ckpt else "model"
+    load_weights(model, ckpt[key], key)
+    return model.to(device).eval(), NoiseSchedule.from_config(diffusion_cfg), ckpt

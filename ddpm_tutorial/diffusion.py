@@ -1,0 +1,152 @@
+"""The DDPM math as small pure functions (Ho et al. 2020).
+
+Every function takes the schedule and tensors explicitly; nothing is global.
+Images are (B, C, H, W) float tensors scaled to [-1, 1]; timesteps ``t`` are
+(B,) integer tensors indexing 0..T-1 (index t = paper step t+1).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .schedules import NoiseSchedule, check_timesteps, extract
+
+
+def check_images(x: torch.Tensor, name: str = "x") -> None:
+    """Raise a clear error unless ``x`` is a floating (B, C, H, W) tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor scaled to [-1, 1], got {x.dtype}; "
+                        "convert uint8 images with x.float() / 127.5 - 1")
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
+             eps: torch.Tensor) -> torch.Tensor:
+    """Sample x_t ~ q(x_t | x_0) in closed form (Eq. 4):
+
+        x_t = sqrt(bar-alpha_t) x_0 + sqrt(1 - bar-alpha_t) eps,   eps ~ N(0, I)
+
+    x0, eps: (B, C, H, W); t: (B,). Returns x_t: (B, C, H, W).
+    """
+    check_images(x0, "x0")
+    _check_pair(x0, eps, "x0", "eps")
+    return (extract(schedule.sqrt_alpha_bar, t, x0.shape) * x0
+            + extract(schedule.sqrt_one_minus_alpha_bar, t, x0.shape) * eps)
+
+
+def q_step(schedule: NoiseSchedule, x_prev: torch.Tensor, t: torch.Tensor,
+           eps: torch.Tensor) -> torch.Tensor:
+    """One forward step x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) (Eq. 2).
+
+    Iterating it from x_0 must agree with :func:`q_sample` in distribution.
+    """
+    check_images(x_prev, "x_prev")
+    _check_pair(x_prev, eps, "x_prev", "eps")
+    return (extract(schedule.alpha, t, x_prev.shape).sqrt() * x_prev
+            + extract(schedule.beta, t, x_prev.shape).sqrt() * eps)
+
+
+def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor,
+                t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of q(x_{t-1} | x_t, x_0) = N(tilde-mu_t, tilde-beta_t I) (Eqs. 6-7):
+
+        tilde-mu_t   = sqrt(bar-alpha_{t-1}) beta_t / (1 - bar-alpha_t) x_0
+                       + sqrt(alpha_t) (1 - bar-alpha_{t-1}) / (1 - bar-alpha_t) x_t
+        tilde-beta_t = (1 - bar-alpha_{t-1}) / (1 - bar-alpha_t) beta_t
+
+    Returns (mean (B, C, H, W), variance (B, 1, 1, 1)).
+    """
+    check_images(xt, "xt")
+    _check_pair(x0, xt, "x0", "xt")
+    mean = (extract(schedule.posterior_mean_coef_x0, t, xt.shape) * x0
+            + extract(schedule.posterior_mean_coef_xt, t, xt.shape) * xt)
+    return mean, extract(schedule.beta_tilde, t, xt.shape)
+
+
+def predict_x0_from_eps(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor,
+                        eps: torch.Tensor) -> torch.Tensor:
+    """Invert Eq. 4 for x_0 given a noise estimate (used in Eq. 15 and the x_0 trajectory):
+
+        hat-x_0 = (x_t - sqrt(1 - bar-alpha_t) eps) / sqrt(bar-alpha_t)
+    """
+    check_images(xt, "xt")
+    _check_pair(xt, eps, "xt", "eps")
+    return ((xt - extract(schedule.sqrt_one_minus_alpha_bar, t, xt.shape) * eps)
+            / extract(schedule.sqrt_alpha_bar, t, xt.shape))
+
+
+def eps_posterior_mean(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor,
+                       eps: torch.Tensor) -> torch.Tensor:
+    """The reverse-process mean written with the noise (Eq. 11):
+
+        mu_theta(x_t, t) = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - bar-alpha_t) eps_theta)
+
+    With the true noise it equals tilde-mu_t of Eq. 7 with the true x_0.
+    """
+    check_images(xt, "xt")
+    _check_pair(xt, eps, "xt", "eps")
+    coef = extract(schedule.beta, t, xt.shape) / extract(schedule.sqrt_one_minus_alpha_bar, t, xt.shape)
+    return (xt - coef * eps) / extract(schedule.alpha, t, xt.shape).sqrt()
+
+
+def loss_simple(model, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor | None = None,
+                eps: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+    """L_simple (Eq. 14), one step of Algorithm 1:
+
+        L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(bar-alpha_t) x_0 + sqrt(1 - bar-alpha_t) eps, t) ||^2
+
+    t ~ Uniform{0..T-1} and eps ~ N(0, I) are drawn when not given.
+    reduction="none" returns the per-sample loss (B,), used for the loss per t bucket.
+    """
+    check_images(x0, "x0")
+    B = x0.shape[0]
+    if t is None:   # Algorithm 1, line 3
+        t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)
+    if eps is None:  # Algorithm 1, line 4
+        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    xt = q_sample(schedule, x0, t, eps)
+    eps_theta = model(xt, t)
+    per_sample = F.mse_loss(eps_theta.float(), eps.float(), reduction="none").mean(dim=(1, 2, 3))
+    if reduction == "none":
+        return per_sample
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def p_sample(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, eps_theta: torch.Tensor,
+             z: torch.Tensor | None = None, clip_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reverse step x_{t-1} ~ p_theta(x_{t-1} | x_t), Algorithm 2 line 4:
+
+        x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - bar-alpha_t) eps_theta) + sigma_t z
+
+    with sigma_t^2 = beta_t (the paper's choice) and z = 0 at the last step (index t = 0).
+    ``clip_x0=True`` is an explicit deviation (the paper's released code does it):
+    hat-x_0 is clipped to [-1, 1] and the mean becomes tilde-mu_t(x_t, hat-x_0) of Eq. 7.
+
+    xt, eps_theta, z: (B, C, H, W); t: (B,). Returns (x_{t-1}, hat-x_0), both (B, C, H, W).
+    """
+    check_images(xt, "xt")
+    _check_pair(xt, eps_theta, "xt", "eps_theta")
+    x0_hat = predict_x0_from_eps(schedule, xt, t, eps_theta)
+    if clip_x0:
+        x0_hat = x0_hat.clamp(-1, 1)
+        mean, _ = q_posterior(schedule, x0_hat, xt, t)
+    else:
+        mean = eps_posterior_mean(schedule, xt, t, eps_theta)
+    if z is None:
+        z = torch.randn_like(xt)
+    _check_pair(xt, z, "xt", "z")
+    sigma = extract(schedule.beta, t, xt.shape).sqrt()
+    nonzero = (t > 0).to(xt.dtype).reshape(-1, *([1] * (xt.ndim - 1)))  # no noise at t = 1 (index 0)
+    return mean + nonzero * sigma * z, x0_hat

@@ -1,0 +1,95 @@
+"""Matplotlib figures of the book: image grids, noising strips, schedules, loss curves."""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+import matplotlib.pyplot as plt
+import torch
+
+from .data import to_unit
+
+
+def grid_array(images: torch.Tensor, nrow: int | None = None, pad: int = 1):
+    """(N, 1, H, W) in [-1, 1] -> one (rows*(H+pad), cols*(W+pad)) array in [0, 1] for imshow."""
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"images must have shape (N, 1, H, W), got {tuple(images.shape)}")
+    n, _, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = torch.ones(rows * (h + pad) - pad, nrow * (w + pad) - pad)
+    for i, img in enumerate(to_unit(images.detach().float().cpu())):
+        r, c = divmod(i, nrow)
+        canvas[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = img[0]
+    return canvas.numpy()
+
+
+def show_grid(images: torch.Tensor, nrow: int | None = None, title: str | None = None, ax=None,
+              size: float = 0.6):
+    """Show (N, 1, H, W) images in [-1, 1] as a grid; returns the axes."""
+    arr = grid_array(images, nrow)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(size * arr.shape[1] / 28 + 0.2, size * arr.shape[0] / 28 + 0.4))
+    ax.imshow(arr, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> None:
+    """Write the grid as a PNG at native pixel size (one image pixel = one PNG pixel)."""
+    plt.imsave(path, grid_array(images, nrow), cmap="gray", vmin=0, vmax=1)
+
+
+def show_strip(images: torch.Tensor, labels, title: str | None = None, size: float = 1.1):
+    """One row of images with a label under each (e.g. x_t at increasing t)."""
+    n = images.shape[0]
+    fig, axes = plt.subplots(1, n, figsize=(size * n, size + 0.5))
+    for ax, img, label in zip(axes if n > 1 else [axes], to_unit(images.detach().cpu()), labels):
+        ax.imshow(img[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xlabel(label, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_schedules(schedules: dict, ax_ab=None, ax_snr=None):
+    """alpha_bar_t and log10 SNR_t against t for several named schedules."""
+    if ax_ab is None:
+        _, (ax_ab, ax_snr) = plt.subplots(1, 2, figsize=(10, 3.2))
+    for name, s in schedules.items():
+        t = torch.arange(1, s.T + 1)
+        ax_ab.plot(t, s.alpha_bar, label=name)
+        ax_snr.plot(t, torch.log10(s.snr), label=name)
+    ax_ab.set(xlabel="t", ylabel=r"$\bar\alpha_t$", title=r"signal kept: $\bar\alpha_t$")
+    ax_snr.set(xlabel="t", ylabel=r"$\log_{10}$ SNR", title=r"SNR $=\bar\alpha_t/(1-\bar\alpha_t)$")
+    for ax in (ax_ab, ax_snr):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return ax_ab, ax_snr
+
+
+def plot_losses(history, steps_per_epoch: int | None = None, window: int = 50):
+    """Loss per step (raw and smoothed) and mean loss per t bucket, side by side."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
+    ax1.plot(history.loss, alpha=0.25, lw=0.8, label="per step")
+    ax1.plot(history.smoothed(window), lw=1.5, label=f"mean of last {window}")
+    if steps_per_epoch and len(history.loss) >= steps_per_epoch:
+        means = history.epoch_means(steps_per_epoch)
+        ax1.plot([(i + 1) * steps_per_epoch for i in range(len(means))], means, "o-", label="per epoch")
+    ax1.set(xlabel="step", ylabel=r"$L_\mathrm{simple}$", yscale="log", title="training loss")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    buckets = history.bucket_means()
+    K = len(buckets)
+    ax2.bar(range(K), buckets, color=matplotlib.colormaps["viridis"](torch.linspace(0, 1, K).numpy()))
+    ax2.set_xticks(range(K), [f"{int(i * 100 / K)}-{int((i + 1) * 100 / K)}%" for i in range(K)],
+                   rotation=45, fontsize=8)
+    ax2.set(xlabel="t as % of T", ylabel="mean loss", title="loss per t bucket (whole run)")
+    ax2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
