@@ -59,6 +59,11 @@ class ModelConfig:
     def temb_dim(self) -> int:
         return self.time_embed_dim or 4 * self.base_channels
 
+    @property
+    def sinusoid_dim(self) -> int:
+        """Size of the fixed sinusoidal embedding fed to the time MLP (temb_dim / 4)."""
+        return max(2, self.temb_dim // 4)
+
 
 @dataclass
 class DiffusionConfig:
@@ -125,8 +130,8 @@ def _presets() -> dict:
         "cpu": Preset(
             "cpu",
             model=ModelConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1),
-            train=TrainConfig(steps=4000, batch_size=64, lr=1e-3, warmup_steps=200,
-                              lr_decay="cosine", ema_decay=0.995, bf16=True),
+            train=TrainConfig(steps=3000, batch_size=32, lr=1e-3, warmup_steps=200,
+                              lr_decay="cosine", ema_decay=0.995),
             n_samples=32, n_metric=500, ddim_steps=50),
         # A Colab T4: about 10 minutes of training.
         "gpu": Preset(
@@ -183,3 +188,10 @@ def hardware_summary(device: torch.device | str | None = None) -> str:
     except OSError:
         pass
     return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def describe_run(preset: Preset) -> str:
+    """The line each chapter prints so its outputs say what produced them."""
+    import datetime
+    return (f"preset '{preset.name}' (DDPM_QUICK={'1' if is_quick() else '0'}) on {hardware_summary()}; "
+            f"run {datetime.date.today().isoformat()}")

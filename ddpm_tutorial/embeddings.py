@@ -48,3 +48,16 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(sinusoidal_embedding(t, self.base_dim))
+
+
+def seed_tutorial_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The seed tutorial's embedding, kept only to show its bug (chapters 2 and 6).
+
+    It concatenates sin and cos of ``dim // 2`` frequencies and stops there, so an odd
+    ``dim`` yields dim - 1 columns, and its frequency exponent divides by (half - 1),
+    which is 0 for dim = 2 or 3. Use :func:`sinusoidal_embedding`.
+    """
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)   # (B, 2 * (dim // 2)): one short when dim is odd

@@ -98,7 +98,7 @@ class UNet(nn.Module):
         widths, g, temb = cfg.widths, cfg.groups, cfg.temb_dim
         L = len(widths)
 
-        self.time_embed = TimeEmbedding(cfg.base_channels, temb)
+        self.time_embed = TimeEmbedding(cfg.sinusoid_dim, temb)
         self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
 
         self.down_blocks, self.downsamples = nn.ModuleList(), nn.ModuleList()
@@ -184,3 +184,22 @@ class UNet(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def layer_table(model: UNet, x: torch.Tensor, t: torch.Tensor) -> list:
+    """Run one forward pass and list (module name, output shape, parameters) in execution order,
+    for the blocks a reader follows: stem, residual blocks, down/upsampling, middle, head."""
+    kinds = (ResBlock, Downsample, Upsample, SelfAttention, TimeEmbedding, nn.Conv2d, nn.GroupNorm)
+    rows, hooks = [], []
+    for name, module in model.named_modules():
+        top_level_leaf = name.count(".") == 0 and name
+        if isinstance(module, kinds[:5]) or (top_level_leaf and isinstance(module, kinds)):
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out, name=name: rows.append((name, tuple(out.shape), count_parameters(m)))))
+    try:
+        with torch.no_grad():
+            model(x, t)
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows

@@ -93,3 +93,10 @@ def plot_losses(history, steps_per_epoch: int | None = None, window: int = 50):
     ax2.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
+
+
+def show_source(obj) -> None:
+    """Display the real source of a package function or class in a notebook (it cannot drift)."""
+    import inspect
+    from IPython.display import Markdown, display
+    display(Markdown(f"```python\n{inspect.getsource(obj).rstrip()}\n```"))

@@ -1,0 +1,56 @@
+"""The committed notebooks: Colab-ready, agreeing with _config.yml, with outputs of a full run."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+CHAPTERS = ["01_forward_process", "02_time_embeddings", "03_unet", "04_training", "05_sampling",
+            "06_skip_connection_ablation"]
+
+
+def repo_url() -> str:
+    return re.search(r"^\s*url:\s*(\S+)", (ROOT / "_config.yml").read_text(), re.M).group(1)
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def test_every_chapter_exists_and_is_in_the_toc():
+    toc = (ROOT / "_toc.yml").read_text()
+    for name in CHAPTERS:
+        assert (ROOT / "notebooks" / f"{name}.ipynb").exists(), name
+        assert f"notebooks/{name}" in toc, name
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_colab_setup_cell_matches_config(path):
+    nb = load(path)
+    setup = "".join(nb["cells"][1]["source"])
+    assert 'if "google.colab" in sys.modules:' in setup
+    urls = re.findall(r'REPO_URL = "([^"]+)"', setup)
+    assert urls == [repo_url()], f"{path.name} installs from {urls}, _config.yml says {repo_url()}"
+    assert "torch" not in setup.split("sys.modules:")[1], "the Colab cell must not (re)install torch"
+    assert nb["metadata"].get("accelerator") == "GPU" and nb["metadata"]["colab"]["gpuType"] == "T4"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_outputs_come_from_a_full_run(path):
+    nb = load(path)
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    counts = [c["execution_count"] for c in code]
+    assert all(counts), f"{path.name}: unexecuted cells (execution_count {counts})"
+    assert counts == sorted(counts) and len(set(counts)) == len(counts), f"{path.name}: out of order {counts}"
+    outputs = [o for c in code for o in c["outputs"]]
+    assert not [o for o in outputs if o["output_type"] == "error"], f"{path.name} holds an error output"
+    text = json.dumps(outputs)
+    runs = re.findall(r"preset '(\w+)' \(DDPM_QUICK=(\d)\)", text)
+    assert runs, f"{path.name} does not print which preset produced its outputs"
+    assert all(p in ("cpu", "gpu") and q == "0" for p, q in runs), f"{path.name}: outputs of {runs}"
+    assert "application/vnd.jupyter.widget-state+json" not in json.dumps(nb["metadata"])
+    assert "widgets" not in nb["metadata"], f"{path.name}: leftover widget state in metadata"
