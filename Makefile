@@ -25,16 +25,17 @@ book: $(VENV)/.installed
 	@echo "Book built: open _build/html/index.html"
 
 test: $(VENV)/.installed
-	DDPM_QUICK=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --nbmake --nbmake-timeout=900 \
+	DDPM_QUICK=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --nbmake --nbmake-timeout=900 \
 		--durations=15 tests notebooks
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not book and not browser" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) -m "not book and not browser" tests
 
 # Execute every chapter in its full preset (cpu or gpu by hardware) and keep the outputs.
 notebooks-full: $(VENV)/.installed
 	for nb in notebooks/*.ipynb; do \
 		$(VENV)/bin/jupyter execute --inplace --timeout=-1 $$nb || exit 1; \
+		$(PY) tools/finalize_notebooks.py $$nb; \
 	done
 
 bench: $(VENV)/.installed

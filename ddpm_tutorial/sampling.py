@@ -74,6 +74,8 @@ def ddim_timesteps(T: int, steps: int) -> list:
     """``steps`` evenly spaced timestep indices from T-1 down to 0 (the sub-sequence tau)."""
     if not 1 <= steps <= T:
         raise ValueError(f"DDIM steps must be in [1, {T}], got {steps}")
+    if steps == 1:   # linspace(0, T-1, 1) is [0]: one step must start from pure noise, t = T
+        return [T - 1]
     return sorted({int(round(i)) for i in torch.linspace(0, T - 1, steps).tolist()}, reverse=True)
 
 

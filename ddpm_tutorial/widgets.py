@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 FIGURE_DPI = 80         # matplotlib figures are rasterised at this dpi (times ``scale``)
-TARGET_WIDTH = 256      # small frames are shown at the largest integer zoom <= this width
+TARGET_WIDTH = 560      # small frames are shown at the largest integer zoom <= this width
 _RANGE_TOLERANCE = 1e-4  # float frames may overshoot [0, 1] by rounding error, no more
 
 # The HTML and its script. Braces are doubled for str.format. The script finds
@@ -45,11 +45,11 @@ style="text-align:center;margin:0.8em auto;max-width:100%">\
 {caption}\
 <img src="{src0}" alt="{alt0}" width="{width}" height="{height}" \
 style="display:block;margin:0 auto;max-width:100%;height:auto;{rendering}">\
-<div style="display:flex;align-items:center;justify-content:center;gap:0.7em;margin-top:0.3em">\
+<div style="display:flex;flex-wrap:wrap;align-items:center;justify-content:center;gap:0.3em 0.7em;margin-top:0.3em">\
 <input type="range" min="0" max="{max}" step="1" value="0" disabled aria-label="{aria}" \
-style="width:{slider_width}px;max-width:70%;margin:0">\
+style="width:{slider_width}px;max-width:100%;min-width:160px;margin:0">\
 <span class="ddpm-slider-label" style="font-family:monospace;font-size:0.9em;\
-white-space:pre;text-align:left;min-width:{label_chars}ch">{label0}</span>\
+white-space:pre;text-align:left;max-width:100%;overflow-x:auto;min-width:{label_chars}ch">{label0}</span>\
 </div>\
 <script>(function () {{
   var s = document.currentScript, id = "{id}";
@@ -136,7 +136,7 @@ def slider_html(frames, labels, title: str | None = None, width: int | None = No
         rendering="image-rendering:crisp-edges;image-rendering:pixelated" if width > w else "",
         aria=esc(title or "frame"),
         slider_width=max(width, 160),
-        label_chars=max(len(label) for label in labels),
+        label_chars=min(80, max(len(line) for label in labels for line in label.split("\n"))),
         label0=esc(labels[0]),
         frames=_js(uris),
         labels=_js(labels),

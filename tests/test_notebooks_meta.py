@@ -54,3 +54,5 @@ def test_committed_outputs_come_from_a_full_run(path):
     assert all(p in ("cpu", "gpu") and q == "0" for p, q in runs), f"{path.name}: outputs of {runs}"
     assert "application/vnd.jupyter.widget-state+json" not in json.dumps(nb["metadata"])
     assert "widgets" not in nb["metadata"], f"{path.name}: leftover widget state in metadata"
+    assert "application/vnd.jupyter.widget-view+json" not in text, \
+        f"{path.name}: a widget view would render dead in the book (run tools/finalize_notebooks.py)"
