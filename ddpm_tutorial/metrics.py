@@ -26,6 +26,9 @@ from torch import nn
 
 from .data import CLASSES, load_fashion_mnist
 
+__all__ = ["FashionClassifier", "load_classifier", "frechet_distance", "feature_stats", "fashion_fd",
+           "reference_points", "sample_quality", "SampleQuality", "check_images"]
+
 WEIGHTS = Path(__file__).parent / "assets" / "fmnist_classifier.pt"
 FEATURE_DIM = 64      # small so that a 64x64 covariance is well estimated from ~500 samples
 RANGE_TOL = 1e-3      # samples may overshoot [-1, 1] by float rounding, not more
@@ -155,7 +158,7 @@ def _sqrtm_psd(s: torch.Tensor) -> torch.Tensor:
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Frechet (2-Wasserstein) distance between N(mu1, S1) and N(mu2, S2)
-    (Frechet 1957; Dowson & Landau 1982; as FID in Heusel et al. 2017, Eq. 6):
+    (Frechet 1957; Dowson & Landau 1982; the formula of FID, Heusel et al. 2017):
 
         d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})
 
@@ -206,6 +209,8 @@ def fashion_fd(samples: torch.Tensor, reference: torch.Tensor | None = None, n: 
     reference: images of the same kind, first n used; default: a seeded random
     subset of n images of the real test split (its stats are cached). Both sides
     always have exactly n images, because the distance's bias depends on n.
+    Returns the squared distance; ``sample_quality`` reports it with n and the
+    floor and ceiling at that n.
     """
     check_images(samples, "samples")
     n = len(samples) if n is None else n

@@ -53,9 +53,9 @@ def test_denoising_probe_uses_the_same_noise_for_every_model():
 @pytest.mark.slow
 def test_run_variant_trains_samples_and_scores(tmp_path):
     settings = ablation.settings_for("quick")
-    settings.steps, settings.n_samples, settings.ddim_steps = 3, 8, 2
+    settings.steps, settings.n_samples, settings.ddim_steps = 3, 64, 2
     data = torch.rand(64, 1, 28, 28) * 2 - 1
     cfg = ModelConfig(base_channels=8, channel_mults=(1, 2))
     result = ablation.run_variant("pre", cfg, 0, settings, data)
-    assert len(result["loss"]) == 3 and result["samples"].shape == (8, 1, 28, 28)
+    assert len(result["loss"]) == 3 and result["samples"].shape == (16, 1, 28, 28)
     assert result["fd_real"] < result["fd_noise"] and result["fd"] > 0
