@@ -186,6 +186,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _forward_with_hooks(model: UNet, x: torch.Tensor, t: torch.Tensor, hooks: list) -> None:
+    """One no-grad forward pass with the given hook handles attached, removed afterwards."""
+    try:
+        with torch.no_grad():
+            model(x, t)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def layer_table(model: UNet, x: torch.Tensor, t: torch.Tensor) -> list:
     """Run one forward pass and list (module name, output shape, parameters) in execution order,
     for the blocks a reader follows: stem, residual blocks, down/upsampling, middle, head."""
@@ -196,10 +206,17 @@ def layer_table(model: UNet, x: torch.Tensor, t: torch.Tensor) -> list:
         if isinstance(module, kinds[:5]) or (top_level_leaf and isinstance(module, kinds)):
             hooks.append(module.register_forward_hook(
                 lambda m, args, out, name=name: rows.append((name, tuple(out.shape), count_parameters(m)))))
-    try:
-        with torch.no_grad():
-            model(x, t)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with_hooks(model, x, t, hooks)
     return rows
+
+
+def decoder_inputs(model: UNet, x: torch.Tensor, t: torch.Tensor) -> dict:
+    """What each decoder level really receives: the input of its first ResBlock (upsampled
+    features and, concatenated after them, the skip), keyed by decoder index k
+    (k = 0 is the lowest resolution). {k: (B, ch + w_i, r_i, r_i)}."""
+    captured = {}
+    hooks = [blocks[0].register_forward_pre_hook(
+        lambda m, args, k=k: captured.__setitem__(k, args[0].detach().clone()))
+        for k, blocks in enumerate(model.up_blocks)]
+    _forward_with_hooks(model, x, t, hooks)
+    return captured

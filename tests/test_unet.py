@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_tutorial.config import ModelConfig
-from ddpm_tutorial.unet import SelfAttention, UNet, count_parameters
+from ddpm_tutorial.unet import SelfAttention, UNet, count_parameters, decoder_inputs
 
 
 def tiny(**kw) -> ModelConfig:
@@ -93,21 +93,6 @@ def test_self_attention_matches_naive_formula():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
-def _decoder_inputs(model: UNet, x, t):
-    """Run forward once, capturing the input of the first ResBlock of every decoder level."""
-    captured, hooks = {}, []
-    for k, blocks in enumerate(model.up_blocks):
-        hooks.append(blocks[0].register_forward_pre_hook(
-            lambda m, args, k=k: captured.__setitem__(k, args[0].detach().clone())))
-    try:
-        with torch.no_grad():
-            model(x, t)
-    finally:
-        for h in hooks:
-            h.remove()
-    return captured
-
-
 def _encoder_features(model: UNet, x, t):
     """Independently of ``encode``: each level's features before and after its downsampling."""
     with torch.no_grad():
@@ -141,7 +126,7 @@ def test_what_the_decoder_concatenates(size):
     before, after = _encoder_features(pre, x, t)        # identical for both models: same weights
     L = len(cfg.widths)
 
-    cap_pre, cap_post = _decoder_inputs(pre, x, t), _decoder_inputs(post, x, t)
+    cap_pre, cap_post = decoder_inputs(pre, x, t), decoder_inputs(post, x, t)
     with torch.no_grad():
         temb = pre.time_embed(t)
         _, skips_pre, sizes = pre.encode(x, temb)
@@ -168,7 +153,7 @@ def test_what_the_decoder_concatenates(size):
         assert cap_post[k].shape == cap_pre[k].shape
 
     none = build(tiny(image_size=size, skip=None))
-    cap_none = _decoder_inputs(none, x, t)
+    cap_none = decoder_inputs(none, x, t)
     with torch.no_grad():
         _, skips_none, _ = none.encode(x, none.time_embed(t))
     assert skips_none == [None] * (L - 1)
