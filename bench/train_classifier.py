@@ -54,7 +54,7 @@ def accuracy(model: FashionClassifier, x: torch.Tensor, y: torch.Tensor, batch_s
     return correct / len(y)
 
 
-def train(model, x, y, x_test, y_test, epochs, batch_size, lr, seed, log=print) -> list[dict]:
+def train(model, x, y, x_test, y_test, epochs, batch_size, lr, seed, shift=2, log=print) -> list[dict]:
     """AdamW with a one-cycle learning rate; returns one record per epoch."""
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(x) // batch_size                         # drop the last partial batch
@@ -67,7 +67,7 @@ def train(model, x, y, x_test, y_test, epochs, batch_size, lr, seed, log=print) 
         total = 0.0
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size:(i + 1) * batch_size]
-            xb = augment(x[idx], gen).contiguous(memory_format=torch.channels_last)
+            xb = augment(x[idx], gen, shift).contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -97,6 +97,7 @@ def save_atomic(state: dict, record: dict, out: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--shift", type=int, default=2, help="random shift in pixels (0: flips only)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -112,7 +113,8 @@ def main(argv=None) -> int:
     model = FashionClassifier().to(memory_format=torch.channels_last)   # ~25% faster convs on CPU
 
     t0 = time.time()
-    history = train(model, x, y, x_test, y_test, args.epochs, args.batch_size, args.lr, args.seed)
+    history = train(model, x, y, x_test, y_test, args.epochs, args.batch_size, args.lr, args.seed,
+                    args.shift)
     seconds = time.time() - t0
     acc = history[-1]["test_accuracy"]
     print(f"test accuracy {acc:.4f} after {args.epochs} epochs, {seconds:.0f} s")
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}   # plain layout
     record = {
         "test_accuracy": acc, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "seed": args.seed, "train_images": len(x), "test_images": len(x_test),
+        "shift": args.shift, "seed": args.seed, "train_images": len(x), "test_images": len(x_test),
         "params": sum(p.numel() for p in model.parameters()), "feature_dim": model.head.in_features,
         "seconds": round(seconds, 1), "history": history,
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
