@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shlex
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ddpm_tutorial.config import DiffusionConfig, ModelConfig, TrainConfig, get_preset, hardware_summary
+from ddpm_tutorial.config import DiffusionConfig, TrainConfig, get_preset, hardware_summary
 from ddpm_tutorial.diffusion import q_sample
 from ddpm_tutorial.sampling import ddim_sample, ddpm_sample
 from ddpm_tutorial.train import Trainer
@@ -140,7 +139,7 @@ def train_for(trainer: Trainer, seconds: float, log_every: float) -> float:
 
 
 @torch.no_grad()
-def refresh_batchnorm(model: nn.Module, trainer: Trainer, batches: int = 50) -> bool:
+def refresh_batchnorm(model: nn.Module, trainer: Trainer, batches: int = 20) -> bool:
     """Recompute BatchNorm statistics for ``model``'s (EMA) weights on noised training batches.
 
     ``AveragedModel`` averages parameters only (``use_buffers=False``) and copies the buffers
@@ -235,7 +234,7 @@ def run_setup(spec: str, data, args, device) -> dict:
     result = {
         "name": spec, "base": setup["base"], "params": count_parameters(model),
         "train": dataclasses.asdict(cfg) | {"steps": trainer.step, "lr_decay_steps": cfg.steps if cfg.lr_decay != "constant" else None},
-        "train_seconds": seconds,
+        "budget_minutes": args.minutes, "train_seconds": seconds,
         "images_per_s": trainer.step * cfg.batch_size / seconds,
         "final_loss": sum(loss) / len(loss), "sample_seconds": sample_s,
         "ddim_steps": args.ddim_steps, "sampled_from": args.sample_from, "bn_refreshed": bn_refreshed,
@@ -264,12 +263,19 @@ def steps_sweep(model, schedule, args, device, done) -> list:
 
 # --------------------------------------------------------------------------- tables
 
-def print_tables(results: list, meta: dict) -> None:
+def _distinct(results: list, key) -> list:
+    return list(dict.fromkeys(key(r) for r in results))
+
+
+def print_tables(results: list) -> None:
     base = next((r for r in results if r["name"] == BASELINE), None) or \
         next((r for r in results if r["base"] == BASELINE), None)
-    print(f"\nhardware: {meta['hardware']}")
-    print(f"command: {meta['command']}\n")
-    print("| set-up | params | batch | lr | train img/s | steps | final loss | sampling s | FD | floor (real) "
+    print()
+    for hardware in _distinct(results, lambda r: r["hardware"]):
+        print(f"hardware: {hardware}")
+    for command in _distinct(results, lambda r: r["command"]):
+        print(f"command: {command}")
+    print("\n| set-up | params | batch | lr | train img/s | steps | final loss | sampling s | FD | floor (real) "
           "| ceiling (noise) | confidence | class spread | FD / FD(ours-cpu) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -280,15 +286,23 @@ def print_tables(results: list, meta: dict) -> None:
               f"| {r['final_loss']:.4f} | {r['sample_seconds']:.1f} | {q['fd']:.2f} | {q['fd_real']:.2f} "
               f"| {q['fd_noise']:.1f} | {q['confidence']:.3f} | {q['class_spread']:.3f} | {ratio} |")
     r0 = results[0]
-    print(f"\nEach set-up: {r0['train_seconds'] / 60:.3g} min of training on Fashion-MNIST's 60k training images, "
-          f"linear betas T=1000, eps prediction, Adam, grad clip 1, EMA; samples from the "
-          f"{r0['sampled_from'].upper()} weights, DDIM {r0['ddim_steps']} steps, eta 0, seed {meta['seed']}, "
-          f"n={r0['quality']['n']}; FD on Fashion-MNIST classifier features (not comparable with published FIDs).")
-    print("ours-*: the preset's own TrainConfig (batch, lr with warm-up and cosine decay to 10% ending at the "
-          f"budget, EMA decay); peers: batch {meta['batch_size']}, lr {meta['lr']:g} after {meta['warmup']} "
-          f"warm-up steps then constant, EMA {meta['ema_decay']}. Final loss: mean of the last 100 steps.")
+    print(f"\nEach set-up: {r0['budget_minutes']:g} min of training (wall clock) on Fashion-MNIST's 60k training "
+          f"images, linear betas T=1000, eps prediction, Adam, grad clip 1, EMA; samples from the "
+          f"{r0['sampled_from'].upper()} weights, DDIM {r0['ddim_steps']} steps, eta 0, seed {r0['seed']}, "
+          f"n={r0['quality']['n']}; FD on Fashion-MNIST classifier features (not comparable with published FIDs). "
+          "Final loss: mean of the last 100 steps.")
+    conditions = _distinct(results, lambda r: (r["budget_minutes"], r["sampled_from"], r["ddim_steps"],
+                                               r["seed"], r["quality"]["n"], r["hardware"]))
+    if len(conditions) > 1:
+        print("WARNING: these results differ in budget, sampler, seed, n or hardware; they do not compare.")
+    print("ours-*: the preset's own TrainConfig (batch, lr with warm-up and cosine decay to 10% ending at "
+          "the budget, EMA decay).", end="")
+    for t in _distinct([r for r in results if r["base"] not in OURS],
+                       lambda r: tuple(r["train"][k] for k in ("batch_size", "lr", "warmup_steps", "lr_decay", "ema_decay"))):
+        print(f" Peers: batch {t[0]}, lr {t[1]:g} after {t[2]} warm-up steps, then {t[3]}, EMA {t[4]}.", end="")
+    print(f" Ratio: FD / FD({base['name']})." if base and base["name"] != BASELINE else "")
     if any(r["bn_refreshed"] for r in results):
-        print("BatchNorm statistics of the EMA weights were recomputed on 50 noised training batches "
+        print("BatchNorm statistics of the EMA weights were recomputed on 20 noised training batches "
               "before sampling (AveragedModel copies them from the live weights).")
     few = [r["name"] for r in results if r["sampled_from"] == "ema" and r["train"]["steps"] < 3 / (1 - r["train"]["ema_decay"])]
     if few:
@@ -333,19 +347,12 @@ def main():
     p.add_argument("--from-json", nargs="+", metavar="FILE", help="print one table from earlier --json files")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    meta = {"hardware": hardware_summary(args.device), "seed": args.seed, "batch_size": args.batch_size,
-            "lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema_decay,
-            "command": "python bench/quality.py " + shlex.join(sys.argv[1:])}
-
     if args.from_json:
-        results = []
-        for path in args.from_json:
-            saved = json.loads(Path(path).read_text())
-            results += saved["results"]
-        meta |= {k: saved["meta"][k] for k in ("hardware", "seed", "batch_size", "lr", "warmup", "ema_decay")}
-        print_tables(results, meta)
+        print_tables([r for path in args.from_json for r in json.loads(Path(path).read_text())["results"]])
         return
 
+    meta = {"hardware": hardware_summary(args.device), "seed": args.seed,
+            "command": "python bench/quality.py " + shlex.join(sys.argv[1:])}
     specs = list(dict.fromkeys(args.setups + (list(SWEEP) if args.sweep else [])))
     for spec in specs:
         build_setup(spec, args)                         # fail on a bad name before any training
@@ -353,10 +360,10 @@ def main():
     data, _ = load_fashion_mnist(train=True)           # (60000, 1, 28, 28) in [-1, 1]
     results = []
     for spec in specs:
-        results.append(run_setup(spec, data, args, args.device))
+        results.append(run_setup(spec, data, args, args.device) | meta)
         if args.json:                                   # after each set-up: a crash keeps what was done
-            Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print_tables(results, meta)
+            Path(args.json).write_text(json.dumps({"results": results}, indent=1))
+    print_tables(results)
 
 
 if __name__ == "__main__":
