@@ -12,6 +12,7 @@ trained with one seed sees the same data order (the ablation relies on that).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -64,15 +65,17 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def batch_indices(n_data: int, batch_size: int, seed: int, step: int, _cache={}) -> torch.Tensor:
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(n_data: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded order of the data in one epoch, computed once per epoch (not per step)."""
+    return torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+def batch_indices(n_data: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
     """Indices of step ``step``'s batch: a fresh seeded permutation each epoch, last partial batch dropped."""
     per_epoch = max(1, n_data // batch_size)
     epoch, k = divmod(step, per_epoch)
-    key = (n_data, seed, epoch)
-    if key not in _cache:
-        _cache.clear()
-        _cache[key] = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    perm = _cache[key]
+    perm = epoch_permutation(n_data, seed, epoch)
     return perm[k * batch_size:(k + 1) * batch_size] if n_data >= batch_size else perm
 
 
