@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shlex
 import sys
 import time
@@ -102,8 +103,10 @@ def build_setup(spec: str, args) -> dict:
         model = UNet(model_cfg)
     else:
         _, model = PEERS[base]()
-        peer_defaults = TrainConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
-                                    lr_decay="constant", ema_decay=args.ema_decay)
+        cpu = get_preset("cpu").train
+        peer_defaults = TrainConfig(batch_size=args.batch_size or cpu.batch_size, lr=args.lr,
+                                    warmup_steps=args.warmup, lr_decay="constant",
+                                    ema_decay=args.ema_decay or cpu.ema_decay)
         train_cfg, rest = _apply(peer_defaults, overrides, spec)
     if rest:
         raise SystemExit(f"set-up {spec!r}: unknown field(s) {sorted(rest)} for {base}")
@@ -241,6 +244,11 @@ def run_setup(spec: str, data, args, device) -> dict:
         "quality": score(images), "sweep": [],
     }
     print(f"[{spec}] FD {result['quality']['fd']:.2f}", file=sys.stderr, flush=True)
+    if args.json and setup["base"] in OURS:            # keep the weights: --checkpoint rescores them
+        path = Path(args.json).with_suffix("").with_name(
+            Path(args.json).stem + "." + re.sub(r"[^\w.=-]+", "_", spec) + ".pt")
+        trainer.save(path, include_optimizer=False)
+        result["checkpoint"] = str(path)
     if args.steps_sweep and setup["base"] in OURS:
         result["sweep"] = steps_sweep(net, trainer.schedule, args, device, (images, sample_s))
     return result
@@ -259,6 +267,44 @@ def steps_sweep(model, schedule, args, device, done) -> list:
     images, seconds = sample(model, schedule, n, 1000, args.seed, device, args.sample_batch, ddpm=True)
     rows.append({"sampler": "DDPM", "steps": 1000, "n": n, "seconds": seconds, **score(images)})
     return rows
+
+
+def sweep_checkpoint(path: str, args) -> dict:
+    """``--checkpoint``: the sampling sweep for weights saved by a run (or the shipped ones)."""
+    from ddpm_tutorial.checkpoint import model_from_checkpoint
+    model, schedule, ckpt = model_from_checkpoint(path, device=args.device)
+    print(f"[{path}] {ckpt['step']} training steps; sampling {args.n_samples} with DDIM {args.ddim_steps}",
+          file=sys.stderr, flush=True)
+    done = sample(model, schedule, args.n_samples, args.ddim_steps, args.seed, args.device, args.sample_batch)
+    return {"checkpoint": str(path), "train_steps": ckpt["step"], "params": count_parameters(model),
+            "sweep": steps_sweep(model, schedule, args, args.device, done)}
+
+
+def plot_sweep(sweep: list, path: str) -> None:
+    """FD against sampling seconds per image, one point per sampler row, floor drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for sampler, color in (("DDIM", "C0"), ("DDPM", "C3")):
+        rows = [s for s in sweep if s["sampler"] == sampler]
+        ms = [1000 * s["seconds"] / s["n"] for s in rows]
+        ax.plot(ms, [s["fd"] for s in rows], "o-", color=color,
+                label=f"{sampler} (n={', '.join(str(n) for n in sorted({s['n'] for s in rows}))})")
+        for x, s in zip(ms, rows):
+            ax.annotate(str(s["steps"]), (x, s["fd"]), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=8, color=color)
+    for n in sorted({s["n"] for s in sweep}):
+        floor = next(s["fd_real"] for s in sweep if s["n"] == n)
+        ax.axhline(floor, color="grey", ls=":", lw=1)
+        ax.text(1.0, floor, f" real vs real\n n={n}", transform=ax.get_yaxis_transform(), fontsize=7,
+                color="grey", va="center")
+    ax.legend(fontsize=8, title="sampler (steps above points)", title_fontsize=8)
+    ax.set(xscale="log", xlabel="sampling ms per image (log)", ylabel="Fréchet distance (classifier features)",
+           title="Sampling steps against quality")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    print(f"plot: {path}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- tables
@@ -310,14 +356,18 @@ def print_tables(results: list) -> None:
               "much of the early weights; try `--sample-from live`.")
     for r in results:
         if r["sweep"]:
-            print(f"\n{r['name']}: sampling steps against quality\n")
-            print("| sampler | steps | n | seconds | ms / image | FD | floor (real) | ceiling (noise) |")
-            print("|---|---|---|---|---|---|---|---|")
-            for s in r["sweep"]:
-                print(f"| {s['sampler']} | {s['steps']} | {s['n']} | {s['seconds']:.1f} | "
-                      f"{1000 * s['seconds'] / s['n']:.1f} | {s['fd']:.2f} | {s['fd_real']:.2f} | {s['fd_noise']:.1f} |")
-            if len({s["n"] for s in r["sweep"]}) > 1:
-                print("\nCompare FD only between rows of equal n (its bias depends on n).")
+            print_sweep(r["name"], r["sweep"])
+
+
+def print_sweep(name: str, sweep: list) -> None:
+    print(f"\n{name}: sampling steps against quality\n")
+    print("| sampler | steps | n | seconds | ms / image | FD | floor (real) | ceiling (noise) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s in sweep:
+        print(f"| {s['sampler']} | {s['steps']} | {s['n']} | {s['seconds']:.1f} | "
+              f"{1000 * s['seconds'] / s['n']:.1f} | {s['fd']:.2f} | {s['fd_real']:.2f} | {s['fd_noise']:.1f} |")
+    if len({s["n"] for s in sweep}) > 1:
+        print("\nCompare FD only between rows of equal n (its bias depends on n).")
 
 
 # --------------------------------------------------------------------------- main
@@ -330,10 +380,12 @@ def main():
     p.add_argument("--sweep", action="store_true", help=f"add cpu-preset variants: {' '.join(SWEEP[1:])}")
     p.add_argument("--n-samples", type=int, default=500)
     p.add_argument("--ddim-steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64, help="peers' batch size")
+    p.add_argument("--batch-size", type=int, default=0, help="peers' batch size (default: the cpu preset's)")
     p.add_argument("--lr", type=float, default=2e-4, help="peers' learning rate (constant after warm-up)")
     p.add_argument("--warmup", type=int, default=100, help="peers' warm-up steps")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="peers' EMA decay")
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="peers' EMA decay (default: the cpu preset's; a slower EMA would still hold the "
+                        "peers' early weights after their few hundred steps)")
     p.add_argument("--sample-from", choices=("ema", "live"), default="ema")
     p.add_argument("--sample-batch", type=int, default=250, help="images per sampling call (memory only)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (x_T)")
@@ -343,12 +395,28 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--wait-classifier", type=float, default=120.0, help="minutes to wait for the metric's weights")
+    p.add_argument("--checkpoint", metavar="PT",
+                   help="no training: the DDIM/DDPM sweep of a saved checkpoint ('shipped' = the package's)")
+    p.add_argument("--plot", metavar="PNG", help="with --checkpoint: also plot the sweep here")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--from-json", nargs="+", metavar="FILE", help="print one table from earlier --json files")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.from_json:
         print_tables([r for path in args.from_json for r in json.loads(Path(path).read_text())["results"]])
+        return
+
+    if args.checkpoint:
+        from ddpm_tutorial.checkpoint import shipped_checkpoint_path
+        path = shipped_checkpoint_path() if args.checkpoint == "shipped" else args.checkpoint
+        result = sweep_checkpoint(path, args) | {
+            "hardware": hardware_summary(args.device), "command": "python bench/quality.py " + shlex.join(sys.argv[1:])}
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        if args.plot:
+            plot_sweep(result["sweep"], args.plot)
+        print(f"\nhardware: {result['hardware']}\ncommand: {result['command']}")
+        print_sweep(f"{path} ({result['train_steps']} training steps)", result["sweep"])
         return
 
     meta = {"hardware": hardware_summary(args.device), "seed": args.seed,

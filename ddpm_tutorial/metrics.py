@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import diffusion
 from .data import CLASSES, load_fashion_mnist
 
 __all__ = ["FashionClassifier", "load_classifier", "frechet_distance", "feature_stats", "fashion_fd",
@@ -99,13 +100,9 @@ def load_classifier(device: str | torch.device = "cpu", path: str | Path | None 
 
 def check_images(x: torch.Tensor, name: str = "samples") -> None:
     """Raise unless x is float (N, 1, 28, 28) with finite values in [-1, 1], N >= 2."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 4 or tuple(x.shape[1:]) != (1, 28, 28):
+    if isinstance(x, torch.Tensor) and (x.ndim != 4 or tuple(x.shape[1:]) != (1, 28, 28)):
         raise ValueError(f"{name} must have shape (N, 1, 28, 28), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor in [-1, 1], got dtype {x.dtype}; "
-                        "convert uint8 images with x.float() / 127.5 - 1")
+    diffusion.check_images(x, name)                 # a tensor, floating point
     if len(x) < 2:
         raise ValueError(f"{name}: need at least 2 images to estimate a covariance, got {len(x)}")
     if not torch.isfinite(x).all():
