@@ -59,3 +59,10 @@ def test_run_variant_trains_samples_and_scores(tmp_path):
     result = ablation.run_variant("pre", cfg, 0, settings, data)
     assert len(result["loss"]) == 3 and result["samples"].shape == (16, 1, 28, 28)
     assert result["fd_real"] < result["fd_noise"] and result["fd"] > 0
+
+
+def test_settings_are_pinned_to_what_chapter_6_ran():
+    """Chapter 6's committed results used these networks; a preset change must not move them."""
+    assert ablation.settings_for("cpu").model.widths == (16, 32, 32)
+    assert ablation.settings_for("cpu").steps == 400
+    assert ablation.settings_for("gpu").model.widths == (32, 64, 64)
