@@ -377,7 +377,7 @@ def main():
     p.add_argument("--minutes", type=float, default=15.0, help="wall-clock training budget per set-up")
     p.add_argument("--setups", nargs="+", default=None, metavar="NAME[:field=value,...]",
                    help=f"from {', '.join(SETUPS)} (default: all of them, but ours-gpu only with CUDA: "
-                        "on a CPU the defaults take about 90 minutes)")
+                        "on two CPU cores the defaults take about 1.5-2 hours)")
     p.add_argument("--sweep", action="store_true", help=f"add cpu-preset variants: {' '.join(SWEEP[1:])}")
     p.add_argument("--n-samples", type=int, default=500)
     p.add_argument("--ddim-steps", type=int, default=100)
