@@ -104,9 +104,10 @@ def build_setup(spec: str, args) -> dict:
     else:
         _, model = PEERS[base]()
         cpu = get_preset("cpu").train
-        peer_defaults = TrainConfig(batch_size=args.batch_size or cpu.batch_size, lr=args.lr,
-                                    warmup_steps=args.warmup, lr_decay="constant",
-                                    ema_decay=args.ema_decay or cpu.ema_decay)
+        peer_defaults = TrainConfig(
+            batch_size=cpu.batch_size if args.batch_size is None else args.batch_size, lr=args.lr,
+            warmup_steps=args.warmup, lr_decay="constant",
+            ema_decay=cpu.ema_decay if args.ema_decay is None else args.ema_decay)
         train_cfg, rest = _apply(peer_defaults, overrides, spec)
     if rest:
         raise SystemExit(f"set-up {spec!r}: unknown field(s) {sorted(rest)} for {base}")
@@ -381,10 +382,10 @@ def main():
     p.add_argument("--sweep", action="store_true", help=f"add cpu-preset variants: {' '.join(SWEEP[1:])}")
     p.add_argument("--n-samples", type=int, default=500)
     p.add_argument("--ddim-steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=0, help="peers' batch size (default: the cpu preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="peers' batch size (default: the cpu preset's)")
     p.add_argument("--lr", type=float, default=2e-4, help="peers' learning rate (constant after warm-up)")
     p.add_argument("--warmup", type=int, default=100, help="peers' warm-up steps")
-    p.add_argument("--ema-decay", type=float, default=0.0,
+    p.add_argument("--ema-decay", type=float, default=None,
                    help="peers' EMA decay (default: the cpu preset's; a slower EMA would still hold the "
                         "peers' early weights after their few hundred steps)")
     p.add_argument("--sample-from", choices=("ema", "live"), default="ema")
@@ -409,11 +410,12 @@ def main():
         print_tables([r for path in args.from_json for r in json.loads(Path(path).read_text())["results"]])
         return
 
+    meta = {"hardware": hardware_summary(args.device), "seed": args.seed,
+            "command": "python bench/quality.py " + shlex.join(sys.argv[1:])}
     if args.checkpoint:
         from ddpm_tutorial.checkpoint import shipped_checkpoint_path
         path = shipped_checkpoint_path() if args.checkpoint == "shipped" else args.checkpoint
-        result = sweep_checkpoint(path, args) | {
-            "hardware": hardware_summary(args.device), "command": "python bench/quality.py " + shlex.join(sys.argv[1:])}
+        result = sweep_checkpoint(path, args) | meta
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
         if args.plot:
@@ -422,8 +424,6 @@ def main():
         print_sweep(f"{path} ({result['train_steps']} training steps)", result["sweep"])
         return
 
-    meta = {"hardware": hardware_summary(args.device), "seed": args.seed,
-            "command": "python bench/quality.py " + shlex.join(sys.argv[1:])}
     specs = list(dict.fromkeys(args.setups + (list(SWEEP) if args.sweep else [])))
     for spec in specs:
         build_setup(spec, args)                         # fail on a bad name before any training
