@@ -1,58 +1,93 @@
-"""Command line: train and sample outside the notebooks.
+"""Command line: train, sample and export outside the notebooks.
 
     python -m ddpm_tutorial train --preset cpu --out runs/cpu.pt
     python -m ddpm_tutorial train --resume runs/cpu.pt --steps 6000
     python -m ddpm_tutorial sample --checkpoint runs/cpu.pt --n 32 --png grid.png --tensor samples.pt
+    python -m ddpm_tutorial export --checkpoint runs/cpu.pt --out my_model.pt
+
+Every argument is checked before any long work starts; an error is one line saying what was
+wrong and what to do, and the exit code is 1 (2 for a usage error, 130 after Ctrl-C).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
-from .config import PRESET_NAMES, get_preset, hardware_summary, preset_name
+from .config import PRESETS, default_device, preset_name
 
 
 def _train(args) -> None:
-    from .checkpoint import configs_from_checkpoint, load_checkpoint
+    from .checkpoint import check_output_path, configs_from_checkpoint, load_checkpoint
+    from .config import get_preset
     from .data import load_fashion_mnist
-    from .train import Trainer
-    from .unet import UNet
+    from .runinfo import hardware_summary
+    from .train import build_trainer
 
     preset = get_preset(args.preset)
+    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "subset")
+                 if getattr(args, k) is not None}
     if args.resume:    # the checkpoint's own configs win over the preset's
-        preset.model, preset.diffusion, preset.train = configs_from_checkpoint(load_checkpoint(args.resume))
-    for key in ("steps", "batch_size", "lr", "seed", "subset"):
-        if getattr(args, key) is not None:
-            setattr(preset.train, key, getattr(args, key))
+        if args.preset:
+            raise ValueError(f"--preset {args.preset} cannot be combined with --resume: a resumed run keeps "
+                             "the settings it was started with (change only --steps)")
+        if set(overrides) - {"steps"}:
+            raise ValueError(f"--resume continues a run with its own settings; only --steps may change, "
+                             f"not {', '.join('--' + k.replace('_', '-') for k in set(overrides) - {'steps'})}")
+        ckpt = load_checkpoint(args.resume)
+        model_cfg, diffusion_cfg, train_cfg = configs_from_checkpoint(ckpt)
+        preset = dataclasses.replace(preset, name=f"{args.resume} (resumed)", model=model_cfg,
+                                     diffusion=diffusion_cfg, train=train_cfg)
+    train_cfg = dataclasses.replace(preset.train, **overrides)      # validated by TrainConfig
     out = Path(args.out or args.resume or f"runs/{preset.name}.pt")
+    check_output_path(out, overwrite=bool(args.force or (args.resume and out == Path(args.resume))))
+    if args.resume and train_cfg.steps <= ckpt["step"]:
+        raise ValueError(f"{args.resume} has already trained {ckpt['step']} steps; pass --steps N with "
+                         f"N > {ckpt['step']} to train further")
     print(f"preset {preset.name} on {hardware_summary()}; checkpoint -> {out}")
-    torch.manual_seed(preset.train.seed)
-    data, _ = load_fashion_mnist(train=True, subset=preset.train.subset, root=args.data)
-    trainer = Trainer(UNet(preset.model), data, preset.train, preset.diffusion)
+    data, _ = load_fashion_mnist(train=True, subset=train_cfg.subset, root=args.data)
+    trainer = build_trainer(preset, data, train=train_cfg)
     if args.resume:
         trainer.resume(args.resume)
+        trainer.cfg = train_cfg          # the same run, with a new number of total steps
         print(f"resumed at step {trainer.step}")
-    trainer.fit(checkpoint_path=out, checkpoint_every=args.save_every)
+    try:
+        trainer.fit(checkpoint_path=out, checkpoint_every=args.save_every)
+    except KeyboardInterrupt:
+        if trainer.step:
+            print(f"resume with: python -m ddpm_tutorial train --resume {out}", file=sys.stderr)
+        raise
     print(f"done: {trainer.step} steps, final loss {trainer.history.loss[-1]:.4f}, "
-          f"{trainer.history.seconds:.0f} s this run")
+          f"{trainer.history.seconds:.0f} s this run; checkpoint {out}")
 
 
 def _sample(args) -> None:
-    from .checkpoint import model_from_checkpoint
-    from .sampling import ddim_sample, ddpm_sample
+    from .checkpoint import check_output_path, model_from_checkpoint
+    from .sampling import check_samples, ddim_sample, ddpm_sample
     from .viz import save_grid
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, schedule, ckpt = model_from_checkpoint(args.checkpoint, device=device)
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if not (0.0 <= args.eta <= 1.0):
+        raise ValueError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {args.eta}")
+    if not args.png and not args.tensor:
+        args.png = "samples.png"
+    for path in (args.png, args.tensor):
+        if path:
+            check_output_path(Path(path), overwrite=True)
+    if args.png:
+        from .viz import check_image_extension
+        check_image_extension(args.png)
+    device = default_device()
+    model, schedule, _ = model_from_checkpoint(args.checkpoint, device=device)
     if args.ddim_steps:
         result = ddim_sample(model, schedule, n=args.n, steps=args.ddim_steps, eta=args.eta, seed=args.seed)
     else:
         result = ddpm_sample(model, schedule, n=args.n, seed=args.seed)
-    if not args.png and not args.tensor:
-        args.png = "samples.png"
+    check_samples(result)
     if args.png:
         save_grid(result.images, args.png)
         print(f"wrote {args.png}")
@@ -61,15 +96,31 @@ def _sample(args) -> None:
         print(f"wrote {args.tensor}: tensor {tuple(result.images.shape)} in [-1, 1]")
 
 
+def _export(args) -> None:
+    """A small checkpoint for sampling only: EMA weights and configs, no optimiser state."""
+    from .checkpoint import check_output_path, export_for_sampling
+    check_output_path(Path(args.out), overwrite=args.force)
+    path, size = export_for_sampling(args.checkpoint, args.out)
+    print(f"wrote {path} ({size / 1e6:.2f} MB: EMA weights and configs, no optimiser state)")
+
+
+def _positive_or_zero(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ddpm_tutorial", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a DDPM on Fashion-MNIST")
-    t.add_argument("--preset", choices=PRESET_NAMES, default=None,
+    t.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help=f"default: {preset_name()} (DDPM_QUICK=1 forces quick)")
     t.add_argument("--out", help="checkpoint path (default runs/<preset>.pt)")
+    t.add_argument("--force", action="store_true", help="overwrite an existing checkpoint at --out")
     t.add_argument("--resume", help="continue from this checkpoint (and write back to it)")
     t.add_argument("--steps", type=int, help="total optimiser steps")
     t.add_argument("--batch-size", dest="batch_size", type=int)
@@ -77,18 +128,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--subset", type=int, help="use only the first N training images")
     t.add_argument("--data", help="folder with the Fashion-MNIST files (else DDPM_DATA_DIR, Debian, download)")
-    t.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
+    t.add_argument("--save-every", type=_positive_or_zero, default=500,
+                   help="checkpoint every N steps (0: only at the end)")
     t.set_defaults(func=_train)
 
     s = sub.add_parser("sample", help="sample images from a checkpoint")
     s.add_argument("--checkpoint", default=None, help="default: the checkpoint shipped with the package")
     s.add_argument("--n", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--ddim-steps", type=int, default=0, help="0: full DDPM (T steps); else DDIM with this many")
-    s.add_argument("--eta", type=float, default=0.0)
-    s.add_argument("--png", help="write an image grid here")
+    s.add_argument("--ddim-steps", type=_positive_or_zero, default=0,
+                   help="0: full DDPM (T steps); else DDIM with this many")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM noise, in [0, 1]")
+    s.add_argument("--png", help="write an image grid here (.png, .jpg, .pdf, .svg)")
     s.add_argument("--tensor", help="write the (N, 1, 28, 28) tensor in [-1, 1] here (torch.save)")
     s.set_defaults(func=_sample)
+
+    e = sub.add_parser("export", help="write a small sampling-only checkpoint (EMA weights + configs)")
+    e.add_argument("--checkpoint", required=True, help="a training checkpoint, e.g. runs/cpu.pt")
+    e.add_argument("--out", required=True, help="where to write it (e.g. the package's assets/ to ship it)")
+    e.add_argument("--force", action="store_true", help="overwrite an existing file at --out")
+    e.set_defaults(func=_export)
+
+    try:                              # the browser demo's exporter, where installed
+        from . import export as onnx_export
+        onnx_export.add_parser(sub)
+    except ImportError:
+        pass
     return parser
 
 
@@ -96,7 +161,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, RuntimeError, OSError, FloatingPointError, ZeroDivisionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -2,13 +2,14 @@
 
 Variants of one U-Net that differ only in what the decoder's skips carry:
 ``pre`` (features before downsampling: the standard U-Net), ``post`` (after
-downsampling: the seed tutorial's bug), ``none`` (no skips) and ``none (widened)``
-(no skips, channels widened until the parameter count matches ``pre``, so that
-"more parameters wins" cannot explain a difference).
+downsampling: the original tutorial's bug), ``none`` (no skips) and, on request,
+``none (widened)`` (no skips, channels widened until the parameter count matches
+``pre``, so that "more parameters wins" cannot explain a difference).
 
-Every variant gets the same budget: steps, batch, data order and noise per seed
-(the trainer seeds each step by (seed, step)), schedule, optimiser, EMA, sampler,
-sample count, and the same initial noise x_T when sampling.
+Every variant gets the same budget (the preset's ``AblationConfig``): steps, batch,
+learning-rate schedule, EMA, data order and noise per seed (the trainer seeds each
+step by (seed, step)), initialisation seed, sampler, sample count, and the same
+initial noise x_T when sampling.
 """
 from __future__ import annotations
 
@@ -16,52 +17,15 @@ import dataclasses
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, TrainConfig, get_preset
+from .config import AblationConfig, ModelConfig, Preset
 from .metrics import sample_quality
 from .sampling import ddim_sample
-from .train import Trainer
+from .train import build_trainer
 from .unet import UNet, count_parameters
-
-
-@dataclass
-class AblationSettings:
-    model: ModelConfig = field(default_factory=ModelConfig)   # the "pre" variant
-    steps: int = 700
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    ema_decay: float = 0.99
-    seeds: tuple = (0, 1, 2)
-    subset: int = 0               # training images (0 = all 60k)
-    n_samples: int = 250          # samples scored per model (same for all)
-    ddim_steps: int = 50
-
-    def train_config(self, seed: int) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                           warmup_steps=self.warmup_steps, lr_decay="cosine",
-                           ema_decay=self.ema_decay, subset=self.subset, seed=seed)
-
-
-def settings_for(preset_name: str) -> AblationSettings:
-    """Budget per preset: quick (CI, about a minute), cpu (about an hour on 2 cores), gpu."""
-    model = get_preset(preset_name).model
-    if preset_name == "quick":
-        return AblationSettings(model=model, steps=20, batch_size=16, seeds=(0,), subset=512,
-                                n_samples=32, ddim_steps=10, warmup_steps=5, ema_decay=0.9)
-    if preset_name == "gpu":
-        return AblationSettings(model=ModelConfig(base_channels=32, channel_mults=(1, 2, 2)),
-                                steps=3000, batch_size=128,
-                                lr=1e-3, warmup_steps=200, ema_decay=0.995, n_samples=1000,
-                                ddim_steps=100)
-    # cpu: 12 runs must fit in under an hour on 2 cores, so a small U-Net (widths 16-32-32,
-    # ~165k parameters) trains 400 steps per run; the skip placement is what is compared.
-    # The widths are fixed here (not taken from the cpu preset) so the chapter's results stay valid.
-    return AblationSettings(model=ModelConfig(base_channels=16, channel_mults=(1, 2, 2)), steps=400,
-                            n_samples=200, ddim_steps=25)
 
 
 def widen_to_match(cfg: ModelConfig, target_params: int, max_extra: int = 3) -> ModelConfig:
@@ -80,61 +44,140 @@ def widen_to_match(cfg: ModelConfig, target_params: int, max_extra: int = 3) -> 
     return best
 
 
-def variant_configs(base: ModelConfig) -> dict:
-    """The four variants, keyed by name."""
-    pre = dataclasses.replace(base, skip="pre")
-    none = dataclasses.replace(base, skip=None)
-    return {"pre": pre, "post": dataclasses.replace(base, skip="post"), "none": none,
-            "none (widened)": widen_to_match(none, count_parameters(UNet(pre)))}
+def variant_configs(settings: AblationConfig) -> dict:
+    """The model config of each variant named in ``settings.variants``, keyed by name."""
+    base = settings.model
+    configs = {}
+    for name in settings.variants:
+        if name == "none (widened)":
+            pre = dataclasses.replace(base, skip="pre")
+            configs[name] = widen_to_match(dataclasses.replace(base, skip="none"), count_parameters(UNet(pre)))
+        else:
+            configs[name] = dataclasses.replace(base, skip=name)    # ModelConfig validates the name
+    return configs
 
 
-def run_variant(name: str, cfg: ModelConfig, seed: int, settings: AblationSettings,
-                data: torch.Tensor, device=None, progress: bool = False) -> dict:
-    """Train one variant with one seed, sample from its EMA weights and score the samples."""
-    torch.manual_seed(seed)                          # identical initialisation rule per seed
-    trainer = Trainer(UNet(cfg), data, settings.train_config(seed), device=device)
+def run_variant(preset: Preset, name: str, cfg: ModelConfig, seed: int, data: torch.Tensor,
+                device=None, progress: bool = False) -> dict:
+    """Train one variant with one seed on the preset's ablation budget, sample from its EMA
+    weights (DDIM, x_T seeded by the training seed) and score the samples with their spread."""
+    settings = preset.ablation
+    trainer = build_trainer(preset, data, device, model=cfg, train=dataclasses.replace(settings.train, seed=seed))
     trainer.fit(progress=progress)
     model = trainer.ema.module.eval()
     start = time.perf_counter()
     samples = ddim_sample(model, trainer.schedule, n=settings.n_samples, steps=settings.ddim_steps,
                           seed=10_000 + seed, device=trainer.device, progress=False).images
-    quality = sample_quality(samples)
+    sample_seconds = time.perf_counter() - start
+    quality = sample_quality(samples, n_boot=preset.n_bootstrap)
     return {"variant": name, "seed": seed, "params": count_parameters(model),
             "loss": trainer.history.loss, "bucket_loss": trainer.history.bucket_means(),
-            "fd": quality.fd, "fd_real": quality.fd_real, "fd_noise": quality.fd_noise,
-            "confidence": quality.confidence, "class_spread": quality.class_spread,
-            "train_seconds": trainer.history.seconds, "sample_seconds": time.perf_counter() - start,
-            "samples": samples[:16], "model": model.cpu()}
+            "quality": quality.as_dict(), "train_seconds": trainer.history.seconds,
+            "sample_seconds": sample_seconds, "samples": samples[:16],
+            "config": dataclasses.asdict(cfg), "ema": {k: v.cpu() for k, v in model.state_dict().items()}}
 
 
-def run_ablation(settings: AblationSettings, data: torch.Tensor, device=None,
-                 variants: dict | None = None, progress: bool = True) -> list:
-    """Every variant x every seed. Returns one result dict per run (see :func:`run_variant`)."""
+def run_ablation(preset: Preset, data: torch.Tensor, device=None, cache: str | Path | None = None,
+                 progress: bool = True) -> list:
+    """Every variant x every seed of ``preset.ablation``: one result dict per run.
+
+    With ``cache`` (a path under runs/), finished runs are saved there as they complete and
+    reloaded on the next call when the settings are unchanged, so re-running the chapter, or
+    resuming an interrupted ablation, retrains nothing it already has.
+    """
     from tqdm.auto import tqdm
-    variants = variants or variant_configs(settings.model)
+    from .checkpoint import load_checkpoint_dict, save_checkpoint
+    settings = preset.ablation
+    key = {"ablation": dataclasses.asdict(settings), "diffusion": dataclasses.asdict(preset.diffusion)}
+    done = {}
+    if cache and Path(cache).exists():
+        stored = load_checkpoint_dict(cache)
+        if stored.get("key") == _plain(key):
+            done = {(r["variant"], r["seed"]): r for r in stored["results"]}
+    variants = variant_configs(settings)
     jobs = [(name, cfg, seed) for seed in settings.seeds for name, cfg in variants.items()]
     results = []
-    for name, cfg, seed in tqdm(jobs, desc="ablation runs", disable=not progress):
-        results.append(run_variant(name, cfg, seed, settings, data, device))
+    for name, cfg, seed in tqdm(jobs, desc="ablation runs", disable=not progress, mininterval=5.0):
+        if (name, seed) not in done:
+            done[(name, seed)] = run_variant(preset, name, cfg, seed, data, device)
+            if cache:
+                save_checkpoint(cache, {"key": _plain(key), "results": list(done.values())})
+        results.append(done[(name, seed)])
     return results
+
+
+def cache_path(preset: Preset) -> Path:
+    """Where chapter 06 and ``tools/run_ablation.py`` keep a preset's finished runs (ignored by git)."""
+    return Path("runs") / f"ablation_{preset.name}.pt"
+
+
+def _plain(obj):
+    """Dataclass dicts as stored by torch.save(weights_only): tuples become lists."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def model_of(result: dict) -> UNet:
+    """The trained EMA network of one run (from :func:`run_variant`), in eval mode on the CPU."""
+    model = UNet(ModelConfig(**result["config"]))
+    model.load_state_dict(result["ema"])
+    return model.eval()
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan for a single value)."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def summarize(results: list, last: int = 100) -> list:
     """Per variant: mean and sample std over seeds of the final loss (mean of the last
-    ``last`` steps), the Frechet distance, confidence and class spread."""
+    ``last`` steps), the Frechet distance, confidence and class spread; plus the mean
+    bootstrap spread of one model's FD (``fd_boot``), the noise of a single score."""
     rows = []
     for name in dict.fromkeys(r["variant"] for r in results):
         runs = [r for r in results if r["variant"] == name]
-        final = [sum(r["loss"][-last:]) / len(r["loss"][-last:]) for r in runs]
         row = {"variant": name, "params": runs[0]["params"], "seeds": len(runs)}
-        for key, values in [("final_loss", final), ("fd", [r["fd"] for r in runs]),
-                            ("confidence", [r["confidence"] for r in runs]),
-                            ("class_spread", [r["class_spread"] for r in runs])]:
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
-            row[key], row[key + "_std"] = mean, std
+        columns = {"final_loss": [sum(r["loss"][-last:]) / len(r["loss"][-last:]) for r in runs],
+                   "fd": [r["quality"]["fd"] for r in runs],
+                   "confidence": [r["quality"]["confidence"] for r in runs],
+                   "class_spread": [r["quality"]["class_spread"] for r in runs]}
+        for key, values in columns.items():
+            row[key], row[key + "_std"] = mean_std(values)
+        row["fd_boot"] = mean_std([r["quality"]["fd_std"] for r in runs])[0]
         rows.append(row)
     return rows
+
+
+def compare(rows: list, a: str, b: str, key: str, k: float = 2.0) -> dict:
+    """The difference of the seed means of ``key`` between variants a and b, its standard error
+    (from the seeds' spread) and whether it exceeds k standard errors."""
+    by = {r["variant"]: r for r in rows}
+    ra, rb = by[a], by[b]
+    diff = ra[key] - rb[key]
+    se = math.sqrt((ra[key + "_std"] ** 2 + rb[key + "_std"] ** 2) / ra["seeds"])
+    return {"a": a, "b": b, "key": key, "diff": diff, "se": se,
+            "significant": bool(ra["seeds"] > 1 and abs(diff) > k * se)}
+
+
+@torch.no_grad()
+def loss_by_t(model, schedule, x0: torch.Tensor, ts, seed: int = 0) -> dict:
+    """L_simple of a trained model at fixed timesteps, on fixed images x0 (N, 1, H, W) and one
+    fixed noise draw per t: {t: mean over images}. The same x0 and noise for every model."""
+    from .diffusion import loss_simple
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t_index in ts:
+        eps = torch.randn(x0.shape, generator=g)
+        t = torch.full((x0.shape[0],), int(t_index), dtype=torch.long)
+        out[int(t_index)] = loss_simple(model.eval(), schedule, x0, t, eps).item()
+    return out
 
 
 @torch.no_grad()

@@ -56,9 +56,41 @@ def save_checkpoint(path, state: dict) -> Path:
     return path
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True`` (no arbitrary code runs) and check its keys."""
+def check_output_path(path, overwrite: bool = False) -> Path:
+    """Check, before any long work, that a file can be written at ``path``: not a folder, no
+    file in the way of its parent folders, the folder writable, and no existing file unless
+    ``overwrite``. Creates the parent folders. Raises ValueError / OSError saying what to do."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file path such as {path / 'model.pt'}")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"cannot write {path}: {parent} is a file, not a folder")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} already exists; pass --force to overwrite it, --resume {path} "
+                         "to continue training it, or choose another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe", delete=True)
+    probe.close()
+    return path
+
+
+def export_for_sampling(src, dest) -> tuple[Path, int]:
+    """Write the EMA weights, configs, step and history of checkpoint ``src`` to ``dest``
+    (no optimiser state, no raw weights): what the package ships and ``model_from_checkpoint``
+    needs. Returns (path, bytes)."""
+    ckpt = load_checkpoint(src)
+    small = {k: ckpt[k] for k in ("config", "step", "ema", "history") if k in ckpt}
+    path = save_checkpoint(dest, small)
+    return path, path.stat().st_size
+
+
+def load_checkpoint_dict(path, map_location="cpu") -> dict:
+    """Read a file written by :func:`save_checkpoint` with ``weights_only=True`` (no arbitrary
+    code runs): a dict, with a clear error for a missing, corrupt or foreign file."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; train one with chapter 04 or "
                               "`python -m ddpm_tutorial train --out PATH`")
@@ -68,6 +100,16 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a readable ddpm_tutorial checkpoint "
                               f"(corrupt, truncated, or holds objects that weights_only=True "
                               f"refuses to unpickle): {type(err).__name__}: {err}") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a ddpm_tutorial checkpoint (format {found!r}, "
+                              f"expected {FORMAT!r})")
+    return ckpt
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a training checkpoint safely (:func:`load_checkpoint_dict`) and check its keys."""
+    ckpt = load_checkpoint_dict(path, map_location)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} lacks the keys {REQUIRED_KEYS} of a ddpm_tutorial "
@@ -77,12 +119,18 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
+# TrainConfig fields of the first edition that no preset turned on (bf16 autocast on the CPU,
+# channels-last); old checkpoints still hold them, always False, and load without them.
+RETIRED_TRAIN_FIELDS = ("bf16", "channels_last")
+
+
 def configs_from_checkpoint(ckpt: dict) -> tuple[ModelConfig, DiffusionConfig, TrainConfig]:
+    """The (model, diffusion, train) configs a checkpoint was trained with."""
     cfg = ckpt["config"]
     try:
-        return (ModelConfig(**cfg["model"]), DiffusionConfig(**cfg["diffusion"]),
-                TrainConfig(**cfg.get("train", {})))
-    except (TypeError, KeyError) as err:
+        train = {k: v for k, v in cfg.get("train", {}).items() if k not in RETIRED_TRAIN_FIELDS}
+        return ModelConfig(**cfg["model"]), DiffusionConfig(**cfg["diffusion"]), TrainConfig(**train)
+    except (TypeError, KeyError, ValueError) as err:
         raise CheckpointError(f"checkpoint config does not fit this version's dataclasses: {err}") from err
 
 
@@ -108,7 +156,27 @@ def model_from_checkpoint(path_or_ckpt=None, use_ema: bool = True, device="cpu")
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else \
         load_checkpoint(path_or_ckpt or shipped_checkpoint_path())
     model_cfg, diffusion_cfg, _ = configs_from_checkpoint(ckpt)
-    model = UNet(model_cfg)
+    model = UNet(model_cfg, T=diffusion_cfg.T)
     key = "ema" if use_ema or "model" not in ckpt else "model"
     load_weights(model, ckpt[key], key)
     return model.to(device).eval(), NoiseSchedule.from_config(diffusion_cfg), ckpt
+
+
+def reader_checkpoint_path(preset_name: str) -> Path:
+    """Where chapter 04 writes the reader's own checkpoint for a preset (runs/ is ignored by git)."""
+    return Path("runs") / f"04_training_{preset_name}.pt"
+
+
+def chapter_model(preset_name: str, device="cpu"):
+    """The model later chapters sample from: the reader's chapter-04 checkpoint for this preset
+    when it exists, else the one shipped with the package. Returns (model, schedule, ckpt, source),
+    ``source`` a sentence saying which one was loaded, for the chapter to print."""
+    path = reader_checkpoint_path(preset_name)
+    if path.is_file():
+        model, schedule, ckpt = model_from_checkpoint(path, device=device)
+        return model, schedule, ckpt, (f"your chapter-04 checkpoint {path} ({ckpt['step']} steps, "
+                                       f"preset '{preset_name}')")
+    shipped = shipped_checkpoint_path()
+    model, schedule, ckpt = model_from_checkpoint(shipped, device=device)
+    return model, schedule, ckpt, (f"the checkpoint shipped with the package, {shipped.name} ({ckpt['step']} "
+                                   f"steps of the cpu preset); run chapter 04 to sample from your own")

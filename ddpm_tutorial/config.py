@@ -1,4 +1,4 @@
-"""Settings as small dataclasses, plus the named presets of the book.
+"""Every setting of the book in one place: small frozen dataclasses and the ``PRESETS`` table.
 
 One switch picks the preset (DESIGN.md section 4): ``DDPM_QUICK=1`` forces
 ``quick`` (CI: a chapter runs in about a minute on 2 CPU cores); otherwise
@@ -6,6 +6,8 @@ One switch picks the preset (DESIGN.md section 4): ``DDPM_QUICK=1`` forces
 
 Defaults are the paper's (Ho et al. 2020): T=1000, linear betas 1e-4..0.02,
 eps prediction, sigma_t^2 = beta_t. Every deviation is a named field here.
+The dataclasses are frozen: derive a variant with ``dataclasses.replace``, so a
+shared preset can never be changed behind a chapter's back.
 """
 from __future__ import annotations
 
@@ -15,11 +17,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-SKIP_MODES = ("pre", "post", None)
-SCHEDULES = ("linear", "cosine")
+SKIP_MODES = ("pre", "post", "none")
+SCHEDULES = ("linear", "cosine")     # schedules.make_schedule builds each of these
+LR_DECAYS = ("constant", "cosine")
 
 
-@dataclass
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     image_size: int = 28              # 28 for Fashion-MNIST; 32 works too
     in_channels: int = 1              # grayscale
@@ -29,27 +36,33 @@ class ModelConfig:
     attention: bool = False           # self-attention at the lowest resolution
     groups: int = 8                   # GroupNorm groups; every width must divide by it
     time_embed_dim: int = 0           # 0 means 4 * base_channels, as in the paper's code
-    skip: str | None = "pre"          # "pre" (correct), "post" (the seed's bug), None
+    skip: str = "pre"                 # "pre" (correct), "post" (the original tutorial's bug), "none"
     dropout: float = 0.0              # the paper used 0.1 on CIFAR-10; small data needs none
 
     def __post_init__(self):
-        self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        object.__setattr__(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
+        if self.skip is None:         # checkpoints of the first edition wrote None for "none"
+            object.__setattr__(self, "skip", "none")
         if self.skip not in SKIP_MODES:
-            raise ValueError(f"skip must be one of {SKIP_MODES}, got {self.skip!r}")
+            _fail(f"skip must be one of {SKIP_MODES}, got {self.skip!r}")
         if not self.channel_mults or any(m <= 0 for m in self.channel_mults):
-            raise ValueError(f"channel_mults must be positive integers, got {self.channel_mults}")
+            _fail(f"channel_mults must be positive integers, got {self.channel_mults}")
+        if self.image_size < 1 or self.in_channels < 1 or self.base_channels < 1 or self.groups < 1:
+            _fail(f"image_size, in_channels, base_channels and groups must be >= 1, got "
+                  f"{self.image_size}, {self.in_channels}, {self.base_channels}, {self.groups}")
         for w in self.widths:
             if w % self.groups:
-                raise ValueError(
-                    f"every level width must be divisible by groups={self.groups} for GroupNorm; "
-                    f"widths are {self.widths} (base_channels={self.base_channels}, "
-                    f"channel_mults={self.channel_mults})")
+                _fail(f"every level width must be divisible by groups={self.groups} for GroupNorm; "
+                      f"widths are {self.widths} (base_channels={self.base_channels}, "
+                      f"channel_mults={self.channel_mults})")
         if self.num_res_blocks < 1:
-            raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+            _fail(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
         min_size = 2 ** (len(self.channel_mults) - 1)
         if self.image_size < min_size:
-            raise ValueError(f"image_size={self.image_size} is too small for "
-                             f"{len(self.channel_mults)} levels (needs >= {min_size})")
+            _fail(f"image_size={self.image_size} is too small for "
+                  f"{len(self.channel_mults)} levels (needs >= {min_size})")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def widths(self) -> tuple:
@@ -65,7 +78,7 @@ class ModelConfig:
         return max(2, self.temb_dim // 4)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionConfig:
     T: int = 1000                 # number of diffusion steps
     schedule: str = "linear"      # "linear" (paper) or "cosine" (Nichol & Dhariwal 2021)
@@ -74,12 +87,14 @@ class DiffusionConfig:
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.T < 1:
-            raise ValueError(f"T must be >= 1, got {self.T}")
+            _fail(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not isinstance(self.T, int) or self.T < 1:
+            _fail(f"T must be an integer >= 1, got {self.T!r}")
+        if not 0 < self.beta_start <= self.beta_end < 1:
+            _fail(f"need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 3000             # optimiser steps
     batch_size: int = 64
@@ -89,64 +104,106 @@ class TrainConfig:
     ema_decay: float = 0.999      # the paper's 0.9999 suits 800k steps, not a few thousand
     grad_clip: float = 1.0        # the paper's code clips the gradient norm at 1
     subset: int = 0               # 0 = all 60k training images; >0 = the first N
-    seed: int = 0
-    bf16: bool = False            # bf16 autocast on CPU (fp16 + GradScaler is used on CUDA)
-    channels_last: bool = False
+    seed: int = 0                 # weight init, data order, t and eps of every step
     num_t_buckets: int = 10       # loss is also tracked per bucket of t
 
     def __post_init__(self):
-        if self.lr_decay not in ("constant", "cosine"):
-            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {self.lr_decay!r}")
+        if self.lr_decay not in LR_DECAYS:
+            _fail(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
+            _fail(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.steps < 1:
+            _fail(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            _fail(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 < self.lr < float("inf"):
+            _fail(f"lr must be a finite number > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            _fail(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not self.grad_clip > 0:
+            _fail(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.subset < 0:
+            _fail(f"subset must be >= 0 (0 = all images), got {self.subset}")
+        if self.num_t_buckets < 1:
+            _fail(f"num_t_buckets must be >= 1, got {self.num_t_buckets}")
 
 
-@dataclass
+@dataclass(frozen=True)
+class AblationConfig:
+    """Chapter 06: the skip variants trained on one recipe (``model`` is the ``pre`` variant)."""
+    model: ModelConfig
+    train: TrainConfig            # the seed field is replaced by each of ``seeds``
+    seeds: tuple = (0, 1, 2)
+    variants: tuple = ("pre", "post", "none")
+    n_samples: int = 500          # samples scored per model (FD with its spread)
+    ddim_steps: int = 25
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    n_samples: int = 32           # samples shown by the chapters
-    n_metric: int = 500           # samples scored by the quality metric
-    ddim_steps: int = 50
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    train: TrainConfig
+    ablation: AblationConfig
+    description: str = ""
+    # What the chapters compute at this budget (counts only; the math never changes):
+    n_samples: int = 32           # samples shown in grids (04, 05)
+    n_metric: int = 500           # samples scored by the Frechet distance (04, 05)
+    n_bootstrap: int = 200        # bootstrap resamples behind every FD spread
+    ddim_steps: int = 50          # the default fast sampler (04, 05)
+    ddim_sweep: tuple = (10, 20, 50, 100)   # 05: steps compared against DDPM-1000
+    eta_sweep: tuple = (0.0, 0.5, 1.0)      # 05: DDIM's eta
+    n_chains: int = 2000          # 01: chains behind the closed-form check
+    slider_frames: int = 41       # frames per timestep slider
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _presets() -> dict:
-    return {
-        # CI: tiny everything; a chapter must run in about a minute on 2 CPU cores.
-        "quick": Preset(
-            "quick",
-            model=ModelConfig(base_channels=16, channel_mults=(1, 2), num_res_blocks=1),
-            train=TrainConfig(steps=30, batch_size=32, subset=512, warmup_steps=5,
-                              ema_decay=0.9),
-            n_samples=8, n_metric=64, ddim_steps=10),
-        # A laptop CPU: about 15 minutes of training on 2 cores. Tuned at that budget with
-        # bench/quality.py (book/results.md): 32 channels at 14x14 instead of 64 cost nothing in
-        # quality and buy 1.4x more steps; bf16 and torch.compile do not pay on an AVX2 CPU.
-        "cpu": Preset(
-            "cpu",
-            model=ModelConfig(base_channels=32, channel_mults=(1, 1, 2), num_res_blocks=1),
-            train=TrainConfig(steps=3800, batch_size=32, lr=1e-3, warmup_steps=200,
-                              lr_decay="cosine", ema_decay=0.995),
-            n_samples=32, n_metric=500, ddim_steps=50),
-        # A Colab T4: about 10 minutes of training.
-        "gpu": Preset(
-            "gpu",
-            model=ModelConfig(base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2,
-                              attention=True),
-            train=TrainConfig(steps=6000, batch_size=128, lr=5e-4, warmup_steps=300,
-                              lr_decay="cosine", ema_decay=0.999),
-            n_samples=32, n_metric=1000, ddim_steps=100),
-    }
+_CPU_MODEL = ModelConfig(base_channels=32, channel_mults=(1, 1, 2), num_res_blocks=1)
+_CPU_TRAIN = TrainConfig(steps=3800, batch_size=32, lr=1e-3, warmup_steps=200, lr_decay="cosine",
+                         ema_decay=0.995)
 
-
-PRESET_NAMES = ("quick", "cpu", "gpu")
+PRESETS = {
+    # CI: tiny everything; a chapter must run in about a minute on 2 CPU cores.
+    "quick": Preset(
+        "quick",
+        model=ModelConfig(base_channels=16, channel_mults=(1, 2), num_res_blocks=1),
+        diffusion=DiffusionConfig(),
+        train=TrainConfig(steps=30, batch_size=32, subset=512, warmup_steps=5, ema_decay=0.9),
+        ablation=AblationConfig(
+            model=ModelConfig(base_channels=16, channel_mults=(1, 2)),
+            train=TrainConfig(steps=20, batch_size=16, lr=1e-3, warmup_steps=5, lr_decay="cosine",
+                              ema_decay=0.9, subset=512),
+            seeds=(0, 1), n_samples=32, ddim_steps=5),
+        description="CI smoke run: outputs are meaningless, only that every cell runs",
+        n_samples=8, n_metric=64, n_bootstrap=20, ddim_steps=10, ddim_sweep=(5, 10),
+        eta_sweep=(0.0, 1.0), n_chains=256, slider_frames=11),
+    # A laptop CPU: about 15 minutes of training on 2 cores. Tuned at that budget with
+    # bench/quality.py (book/results.md): 32 channels at 14x14 instead of 64 cost nothing in
+    # quality and buy 1.4x more steps.
+    "cpu": Preset(
+        "cpu", model=_CPU_MODEL, diffusion=DiffusionConfig(), train=_CPU_TRAIN,
+        # The ablation trains three variants x three seeds on chapter 04's recipe (steps, batch,
+        # learning rate, EMA) with a half-width network, so its nine runs fit about an hour.
+        ablation=AblationConfig(model=ModelConfig(base_channels=16, channel_mults=(1, 2, 2)),
+                                train=_CPU_TRAIN, n_samples=500, ddim_steps=25),
+        description="two laptop CPU cores, about 15 minutes of training"),
+    # A Colab T4: about 10 minutes of training (an estimate: see book/results.md).
+    "gpu": Preset(
+        "gpu",
+        model=ModelConfig(base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2, attention=True),
+        diffusion=DiffusionConfig(),
+        train=TrainConfig(steps=6000, batch_size=128, lr=5e-4, warmup_steps=300, lr_decay="cosine",
+                          ema_decay=0.999),
+        ablation=AblationConfig(model=ModelConfig(base_channels=32, channel_mults=(1, 2, 2)),
+                                train=TrainConfig(steps=2000, batch_size=128, lr=1e-3, warmup_steps=200,
+                                                  lr_decay="cosine", ema_decay=0.995),
+                                n_samples=500, ddim_steps=50),
+        description="a Colab T4 GPU, about 10 minutes of training (estimated)",
+        n_metric=1000, ddim_steps=100),
+}
 
 
 def is_quick() -> bool:
@@ -162,38 +219,19 @@ def preset_name() -> str:
 
 
 def get_preset(name: str | None = None) -> Preset:
-    """A fresh copy of a named preset (``None``: the one :func:`preset_name` picks)."""
+    """The named preset (``None``: the one :func:`preset_name` picks). Frozen: derive
+    variants with ``dataclasses.replace(preset.train, steps=...)``."""
     name = name or preset_name()
-    presets = _presets()
-    if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; expected one of {PRESET_NAMES}")
-    return presets[name]
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {tuple(PRESETS)}")
+    return PRESETS[name]
 
 
 def default_device() -> torch.device:
+    """CUDA when available, else the CPU: the one place a device is chosen by default."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def hardware_summary(device: torch.device | str | None = None) -> str:
-    """One line naming the hardware, printed beside every result."""
-    import platform
-    device = torch.device(device or default_device())
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
-def describe_run(preset: Preset) -> str:
-    """The line each chapter prints so its outputs say what produced them."""
-    import datetime
-    return (f"preset '{preset.name}' (DDPM_QUICK={'1' if is_quick() else '0'}) on {hardware_summary()}; "
-            f"run {datetime.date.today().isoformat()}")
+def resolve_device(device=None) -> torch.device:
+    """``device`` as a ``torch.device``, or :func:`default_device` when ``None``."""
+    return torch.device(device) if device is not None else default_device()

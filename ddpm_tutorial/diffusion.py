@@ -6,21 +6,41 @@ Images are (B, C, H, W) float tensors scaled to [-1, 1]; timesteps ``t`` are
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .schedules import NoiseSchedule, check_timesteps, extract
 
+RANGE_TOL = 1e-3      # images may overshoot [-1, 1] by float rounding, not more
 
-def check_images(x: torch.Tensor, name: str = "x") -> None:
-    """Raise a clear error unless ``x`` is a floating (B, C, H, W) tensor."""
+
+def check_images(x: torch.Tensor, name: str = "x", *, shape: tuple | None = None,
+                 in_range: bool = False, min_count: int = 0) -> None:
+    """Raise a clear error unless ``x`` is a floating (B, C, H, W) tensor.
+
+    Optional, for entry points that need more: ``shape`` = the expected (C, H, W);
+    ``min_count`` = the fewest images B; ``in_range`` = every value finite and in [-1, 1]
+    (up to float rounding). The one image check of the package: math, trainer and metric.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(x.shape)}")
+    if x.ndim != 4 or (shape is not None and tuple(x.shape[1:]) != tuple(shape)):
+        want = f"(B, {', '.join(map(str, shape))})" if shape is not None else "(B, C, H, W)"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor scaled to [-1, 1], got {x.dtype}; "
                         "convert uint8 images with x.float() / 127.5 - 1")
+    if len(x) < min_count:
+        raise ValueError(f"{name}: need at least {min_count} images, got {len(x)}")
+    if in_range and len(x):
+        lo, hi = (v.item() for v in torch.aminmax(x.detach()))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name} contain NaN or inf")
+        if lo < -1 - RANGE_TOL or hi > 1 + RANGE_TOL:
+            raise ValueError(f"{name} must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; "
+                             "clamp them (x.clamp(-1, 1)) or rescale them to [-1, 1]")
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
@@ -38,6 +58,7 @@ def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
     x0, eps: (B, C, H, W); t: (B,). Returns x_t: (B, C, H, W).
     """
     check_images(x0, "x0")
+    check_timesteps(t, schedule.T, batch=x0.shape[0])
     _check_pair(x0, eps, "x0", "eps")
     return (extract(schedule.sqrt_alpha_bar, t, x0.shape) * x0
             + extract(schedule.sqrt_one_minus_alpha_bar, t, x0.shape) * eps)
@@ -50,6 +71,7 @@ def q_step(schedule: NoiseSchedule, x_prev: torch.Tensor, t: torch.Tensor,
     Iterating it from x_0 must agree with :func:`q_sample` in distribution.
     """
     check_images(x_prev, "x_prev")
+    check_timesteps(t, schedule.T, batch=x_prev.shape[0])
     _check_pair(x_prev, eps, "x_prev", "eps")
     return (extract(schedule.alpha, t, x_prev.shape).sqrt() * x_prev
             + extract(schedule.beta, t, x_prev.shape).sqrt() * eps)
@@ -66,6 +88,7 @@ def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor,
     Returns (mean (B, C, H, W), variance (B, 1, 1, 1)).
     """
     check_images(xt, "xt")
+    check_timesteps(t, schedule.T, batch=xt.shape[0])
     _check_pair(x0, xt, "x0", "xt")
     mean = (extract(schedule.posterior_mean_coef_x0, t, xt.shape) * x0
             + extract(schedule.posterior_mean_coef_xt, t, xt.shape) * xt)
@@ -79,6 +102,7 @@ def predict_x0_from_eps(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tens
         hat-x_0 = (x_t - sqrt(1 - bar-alpha_t) eps) / sqrt(bar-alpha_t)
     """
     check_images(xt, "xt")
+    check_timesteps(t, schedule.T, batch=xt.shape[0])
     _check_pair(xt, eps, "xt", "eps")
     return ((xt - extract(schedule.sqrt_one_minus_alpha_bar, t, xt.shape) * eps)
             / extract(schedule.sqrt_alpha_bar, t, xt.shape))
@@ -93,6 +117,7 @@ def eps_posterior_mean(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tenso
     With the true noise it equals tilde-mu_t of Eq. 7 with the true x_0.
     """
     check_images(xt, "xt")
+    check_timesteps(t, schedule.T, batch=xt.shape[0])
     _check_pair(xt, eps, "xt", "eps")
     coef = extract(schedule.beta, t, xt.shape) / extract(schedule.sqrt_one_minus_alpha_bar, t, xt.shape)
     return (xt - coef * eps) / extract(schedule.alpha, t, xt.shape).sqrt()
@@ -137,6 +162,7 @@ def p_sample(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, eps_the
     xt, eps_theta, z: (B, C, H, W); t: (B,). Returns (x_{t-1}, hat-x_0), both (B, C, H, W).
     """
     check_images(xt, "xt")
+    check_timesteps(t, schedule.T, batch=xt.shape[0])
     _check_pair(xt, eps_theta, "xt", "eps_theta")
     x0_hat = predict_x0_from_eps(schedule, xt, t, eps_theta)
     if clip_x0:

@@ -7,7 +7,9 @@ measure the same distance on the penultimate features of a small CNN trained on
 Fashion-MNIST itself (``bench/train_classifier.py``; weights ship in
 ``assets/``). The numbers are *not* comparable to published FIDs.
 
-Read a score only next to its two reference points at the same sample count n
+Every distance comes with a spread (``fd_spread``: the bootstrap over both image sets), and
+the book calls two scores different only when they differ by more than twice the combined
+spread (``fd_difference``). Read a score only next to its two reference points at the same sample count n
 (``reference_points``): real-vs-real (the floor: finite-sample bias, the best a
 perfect model can get) and clamped Gaussian noise (the ceiling). The distance is
 biased upwards for small n, so compare scores only at equal n.
@@ -27,12 +29,12 @@ from torch import nn
 from . import diffusion
 from .data import CLASSES, load_fashion_mnist
 
-__all__ = ["FashionClassifier", "load_classifier", "frechet_distance", "feature_stats", "fashion_fd",
-           "reference_points", "sample_quality", "SampleQuality", "check_images"]
+__all__ = ["FashionClassifier", "load_classifier", "classifier_features", "frechet_distance", "feature_stats",
+           "fd_spread", "fashion_fd", "reference_points", "sample_quality", "SampleQuality", "fd_difference",
+           "nearest_training_images", "check_images"]
 
 WEIGHTS = Path(__file__).parent / "assets" / "fmnist_classifier.pt"
 FEATURE_DIM = 64      # small so that a 64x64 covariance is well estimated from ~500 samples
-RANGE_TOL = 1e-3      # samples may overshoot [-1, 1] by float rounding, not more
 DEFAULT_N = 500
 
 
@@ -99,25 +101,16 @@ def load_classifier(device: str | torch.device = "cpu", path: str | Path | None 
 
 
 def check_images(x: torch.Tensor, name: str = "samples") -> None:
-    """Raise unless x is float (N, 1, 28, 28) with finite values in [-1, 1], N >= 2."""
-    if isinstance(x, torch.Tensor) and (x.ndim != 4 or tuple(x.shape[1:]) != (1, 28, 28)):
-        raise ValueError(f"{name} must have shape (N, 1, 28, 28), got {tuple(x.shape)}")
-    diffusion.check_images(x, name)                 # a tensor, floating point
-    if len(x) < 2:
-        raise ValueError(f"{name}: need at least 2 images to estimate a covariance, got {len(x)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contain NaN or inf")
-    lo, hi = x.min().item(), x.max().item()
-    if lo < -1 - RANGE_TOL or hi > 1 + RANGE_TOL:
-        raise ValueError(f"{name} must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; "
-                         "clamp them (x.clamp(-1, 1)) or rescale them to [-1, 1]")
-    if lo >= 0:   # Fashion-MNIST backgrounds are -1; an all-nonnegative batch is almost surely [0, 1]
+    """Raise unless x is float (N, 1, 28, 28) with finite values in [-1, 1], N >= 2 (a covariance
+    needs two); warn when every value is >= 0 (images scaled to [0, 1] by mistake)."""
+    diffusion.check_images(x, name, shape=(1, 28, 28), in_range=True, min_count=2)
+    if x.min().item() >= 0:   # Fashion-MNIST backgrounds are -1; an all-nonnegative batch is almost surely [0, 1]
         warnings.warn(f"all {name} are >= 0: were they scaled to [0, 1]? The metric expects [-1, 1].",
                       stacklevel=3)
 
 
 @torch.inference_mode()
-def extract(images: torch.Tensor, model: FashionClassifier | None = None,
+def classifier_features(images: torch.Tensor, model: FashionClassifier | None = None,
             device: str | torch.device = "cpu", batch_size: int = 500,
             name: str = "images") -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, D) and logits (N, 10) of images (N, 1, 28, 28) in [-1, 1]; float32, CPU."""
@@ -143,7 +136,7 @@ def gaussian_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def feature_stats(images: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 500,
                   name: str = "images") -> tuple[torch.Tensor, torch.Tensor]:
     """(mu, sigma) of the classifier features of images (N, 1, 28, 28) in [-1, 1]: (D,), (D, D), float64."""
-    feats, _ = extract(images, device=device, batch_size=batch_size, name=name)
+    feats, _ = classifier_features(images, device=device, batch_size=batch_size, name=name)
     return gaussian_stats(feats)
 
 
@@ -187,8 +180,7 @@ def real_subset(n: int, seed: int = 0, train: bool = False) -> torch.Tensor:
     """n real images, a fixed seeded random subset (not the first n: those would
     depend on the file's order). Nested: the subset for n is a prefix of the one for n' > n."""
     x = _test_split() if not train else load_fashion_mnist(train=True)[0]
-    if not 2 <= n <= len(x):
-        raise ValueError(f"n must be in [2, {len(x)}] for the {'train' if train else 'test'} split, got {n}")
+    _check_n(n, len(x), f"images in the {'train' if train else 'test'} split")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     return x[perm[:n]]
 
@@ -196,6 +188,34 @@ def real_subset(n: int, seed: int = 0, train: bool = False) -> torch.Tensor:
 @functools.lru_cache(maxsize=32)
 def _reference_stats(n: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return feature_stats(real_subset(n, seed), device=device)
+
+
+def _check_n(n, available: int, what: str = "samples") -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an integer number of images, got {n!r}")
+    if not 2 <= n <= available:
+        raise ValueError(f"n must be in [2, {available}] ({available} {what} given), got {n}")
+    return n
+
+
+def fd_spread(feats_a: torch.Tensor, feats_b: torch.Tensor, n_boot: int = 200, seed: int = 0) -> float:
+    """Standard deviation of the Frechet distance between two feature sets (n_a, D), (n_b, D),
+    by the bootstrap: both sets resampled with replacement ``n_boot`` times.
+
+    Why the bootstrap over both sides: it needs no extra samples or trained models (seeds would
+    cost a training run each, disjoint subsets would halve n and change the distance's bias),
+    and it carries the sampling noise of the generated set *and* of the real reference, which
+    is what makes two scores at the same n differ when the models do not. Deterministic for a seed.
+    """
+    if n_boot < 2:
+        raise ValueError(f"n_boot must be >= 2 to estimate a spread, got {n_boot}")
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(n_boot):
+        ia = torch.randint(0, len(feats_a), (len(feats_a),), generator=g)
+        ib = torch.randint(0, len(feats_b), (len(feats_b),), generator=g)
+        values.append(frechet_distance(*gaussian_stats(feats_a[ia]), *gaussian_stats(feats_b[ib])))
+    return torch.tensor(values, dtype=torch.float64).std().item()
 
 
 def fashion_fd(samples: torch.Tensor, reference: torch.Tensor | None = None, n: int | None = None,
@@ -206,50 +226,63 @@ def fashion_fd(samples: torch.Tensor, reference: torch.Tensor | None = None, n: 
     reference: images of the same kind, first n used; default: a seeded random
     subset of n images of the real test split (its stats are cached). Both sides
     always have exactly n images, because the distance's bias depends on n.
-    Returns the squared distance; ``sample_quality`` reports it with n and the
-    floor and ceiling at that n.
+    Returns the squared distance; :func:`sample_quality` reports it with its spread
+    and the floor and ceiling at that n.
     """
     check_images(samples, "samples")
-    n = len(samples) if n is None else n
-    if n > len(samples):
-        raise ValueError(f"n={n} but only {len(samples)} samples were given")
+    n = _check_n(len(samples) if n is None else n, len(samples))
     mu1, s1 = feature_stats(samples[:n], device=device, name="samples")
     if reference is None:
-        mu2, s2 = _reference_stats(n, seed, str(torch.device(device)))
+        mu2, s2 = gaussian_stats(_reference_features(n, seed, str(torch.device(device))))
     else:
-        if len(reference) < n:
-            raise ValueError(f"reference has {len(reference)} images, fewer than n={n}")
+        _check_n(n, len(reference), "reference images")
         mu2, s2 = feature_stats(reference[:n], device=device, name="reference")
     return frechet_distance(mu1, s1, mu2, s2)
 
 
+@functools.lru_cache(maxsize=32)
+def _reference_features(n: int, seed: int, device: str) -> torch.Tensor:
+    """Features (n, D) of the seeded n-image subset of the real test split."""
+    return classifier_features(real_subset(n, seed), device=device, name="reference")[0]
+
+
 @functools.lru_cache(maxsize=16)
-def _reference_points(n: int, seed: int, device: str) -> dict:
-    noise = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)
+def _reference_points(n: int, seed: int, device: str, n_boot: int) -> dict:
+    ref = _reference_features(n, seed, device)
+    real = classifier_features(real_subset(n, seed, train=True), device=device, name="real")[0]
+    noise_images = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)
+    noise = classifier_features(noise_images, device=device, name="noise")[0]
+    ref_stats = gaussian_stats(ref)
     return {"n": n,
-            "real": fashion_fd(real_subset(n, seed, train=True), n=n, seed=seed, device=device),
-            "noise": fashion_fd(noise, n=n, seed=seed, device=device)}
+            "real": frechet_distance(*gaussian_stats(real), *ref_stats),
+            "real_std": fd_spread(real, ref, n_boot, seed),
+            "noise": frechet_distance(*gaussian_stats(noise), *ref_stats)}
 
 
-def reference_points(n: int = DEFAULT_N, seed: int = 0, device: str | torch.device = "cpu") -> dict:
+def reference_points(n: int = DEFAULT_N, seed: int = 0, device: str | torch.device = "cpu",
+                     n_boot: int = 200) -> dict:
     """Floor and ceiling for ``fashion_fd`` at sample count n (cached):
-    ``real``: n train images vs the n-image test reference (disjoint real sets);
-    ``noise``: N(0, 1) clamped to [-1, 1] vs the same reference."""
-    return dict(_reference_points(n, seed, str(torch.device(device))))
+    ``real`` (± ``real_std``): n train images vs the n-image test reference (disjoint real
+    sets: the best a perfect model can score at this n); ``noise``: N(0, 1) clamped to [-1, 1]."""
+    _check_n(n, 10_000, "test images")
+    return dict(_reference_points(n, seed, str(torch.device(device)), n_boot))
 
 
 @dataclass(frozen=True)
 class SampleQuality:
     fd: float                  # fashion_fd of the samples vs the test reference
+    fd_std: float              # its bootstrap standard deviation (fd_spread)
     n: int                     # images on each side
     fd_real: float             # floor: real vs real at the same n
+    fd_real_std: float         # the floor's own bootstrap standard deviation
     fd_noise: float            # ceiling: clamped noise vs real at the same n
     confidence: float          # mean max softmax probability of the classifier
     class_counts: tuple        # argmax predictions per class, in CLASSES order
     class_spread: float        # entropy of class_counts / log(10): 1.0 = uniform, 0 = one class
 
     def summary(self) -> str:
-        return (f"FD {self.fd:.2f} at n={self.n} (real {self.fd_real:.2f}, noise {self.fd_noise:.1f}) | "
+        return (f"FD {self.fd:.1f} ± {self.fd_std:.1f} at n={self.n} (real-vs-real floor "
+                f"{self.fd_real:.1f} ± {self.fd_real_std:.1f}, noise {self.fd_noise:.0f}) | "
                 f"confidence {self.confidence:.3f} | class spread {self.class_spread:.3f} (1 = uniform)")
 
     __str__ = summary
@@ -258,22 +291,59 @@ class SampleQuality:
         return asdict(self)
 
 
+def fd_difference(a: SampleQuality, b: SampleQuality, k: float = 2.0) -> tuple[float, float, bool]:
+    """(fd_a - fd_b, its spread, whether |difference| > k spreads). The spreads are combined as
+    if independent, sqrt(std_a^2 + std_b^2); only scores at the same n can be compared."""
+    if a.n != b.n:
+        raise ValueError(f"compare Frechet distances only at equal n, got n={a.n} and n={b.n}")
+    diff, spread = a.fd - b.fd, math.hypot(a.fd_std, b.fd_std)
+    return diff, spread, abs(diff) > k * spread
+
+
 def sample_quality(samples: torch.Tensor, n: int | None = None, seed: int = 0,
-                   device: str | torch.device = "cpu") -> SampleQuality:
-    """Every sample-quality number for samples (N, 1, 28, 28) in [-1, 1], with the
-    floor and ceiling at the same n. Uses the first n samples (default all)."""
+                   device: str | torch.device = "cpu", n_boot: int = 200) -> SampleQuality:
+    """Every sample-quality number for samples (N, 1, 28, 28) in [-1, 1], each FD with its
+    bootstrap spread, and the floor and ceiling at the same n. Uses the first n samples (default all)."""
     check_images(samples, "samples")
-    n = len(samples) if n is None else n
-    if n > len(samples):
-        raise ValueError(f"n={n} but only {len(samples)} samples were given")
-    feats, logits = extract(samples[:n], device=device, name="samples")           # (n, D), (n, 10)
-    mu2, s2 = _reference_stats(n, seed, str(torch.device(device)))
-    ref = reference_points(n, seed, device)
+    n = _check_n(len(samples) if n is None else n, len(samples))
+    feats, logits = classifier_features(samples[:n], device=device, name="samples")   # (n, D), (n, 10)
+    ref_feats = _reference_features(n, seed, str(torch.device(device)))
+    ref = reference_points(n, seed, device, n_boot)
     counts = torch.bincount(logits.argmax(1), minlength=len(CLASSES))
     p = counts.double() / n
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     return SampleQuality(
-        fd=frechet_distance(*gaussian_stats(feats), mu2, s2), n=n,
-        fd_real=ref["real"], fd_noise=ref["noise"],
+        fd=frechet_distance(*gaussian_stats(feats), *gaussian_stats(ref_feats)),
+        fd_std=fd_spread(feats, ref_feats, n_boot, seed), n=n,
+        fd_real=ref["real"], fd_real_std=ref["real_std"], fd_noise=ref["noise"],
         confidence=F.softmax(logits, 1).amax(1).mean().item(),
         class_counts=tuple(counts.tolist()), class_spread=entropy / math.log(len(CLASSES)))
+
+
+@torch.inference_mode()
+def nearest_training_images(samples: torch.Tensor, train: torch.Tensor, space: str = "pixel",
+                            device: str | torch.device = "cpu", chunk: int = 4096):
+    """For each sample its nearest training image: (distances (N,), indices (N,)).
+
+    ``space="pixel"``: Euclidean distance between images (N, 1, 28, 28) in [-1, 1];
+    ``space="features"``: between the classifier's 64-d features (what the metric sees).
+    A model that copies its training data has samples at distance ~0 from some training image;
+    compare the distances with those of real held-out images to the same training set.
+    """
+    check_images(samples, "samples")
+    check_images(train, "train")
+    if space not in ("pixel", "features"):
+        raise ValueError(f"space must be 'pixel' or 'features', got {space!r}")
+    if space == "pixel":
+        a, b = samples.flatten(1), train.flatten(1)
+    else:
+        a = classifier_features(samples, device=device, name="samples")[0]
+        b = torch.cat([classifier_features(c, device=device, name="train")[0] for c in train.split(10_000)])
+    best_d = torch.full((len(a),), float("inf"))
+    best_i = torch.zeros(len(a), dtype=torch.long)
+    for start in range(0, len(b), chunk):
+        d = torch.cdist(a.float(), b[start:start + chunk].float())         # (N, chunk)
+        d_min, i_min = d.min(1)
+        better = d_min < best_d
+        best_d[better], best_i[better] = d_min[better], i_min[better] + start
+    return best_d, best_i

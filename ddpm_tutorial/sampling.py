@@ -19,8 +19,23 @@ class SampleResult:
     """images: (N, C, H, W) in [-1, 1] (clamped). trajectory / x0_trajectory map a recorded
     timestep index t to x_t / hat-x_0 at that step, each (N, C, H, W) on the CPU."""
     images: torch.Tensor
+    raw: torch.Tensor | None = None          # the final x_0 before clamping (N, C, H, W)
     trajectory: dict = field(default_factory=dict)
     x0_trajectory: dict = field(default_factory=dict)
+
+
+def check_samples(result: SampleResult) -> None:
+    """Raise FloatingPointError when sampling produced NaN or inf (a diverged network or bad
+    settings): such results must never be written as images. (``images`` are clamped, so
+    the check looks at the unclamped final x_0 kept in ``result.raw``.)"""
+    raw = result.raw if result.raw is not None else result.images
+    if not torch.isfinite(raw).all():
+        raise FloatingPointError("sampling produced NaN or inf values: the checkpoint's weights may be "
+                                 "corrupt or diverged, or the sampler settings (eta, steps) are invalid")
+    # A trained model overshoots [-1, 1] a little (a few DDIM steps: up to ~20); a diverged one by orders.
+    if raw.abs().max().item() > 1e3:
+        raise FloatingPointError(f"sampled values reach {raw.abs().max().item():.3g}, far outside [-1, 1]: "
+                                 "the checkpoint's weights are diverged or corrupt")
 
 
 def _start(model, n: int, seed: int | None, device, generator, x_T):
@@ -66,54 +81,150 @@ def ddpm_sample(model, schedule: NoiseSchedule, n: int = 16, seed: int | None = 
             out.trajectory[t_index] = x.cpu()
             out.x0_trajectory[t_index] = x0_hat.clamp(-1, 1).cpu()
         x = x_prev
-    out.images = x.clamp(-1, 1).cpu()
+    out.raw, out.images = x.cpu(), x.clamp(-1, 1).cpu()
     return out
 
 
-def ddim_timesteps(T: int, steps: int) -> list:
-    """``steps`` evenly spaced timestep indices from T-1 down to 0 (the sub-sequence tau)."""
-    if not 1 <= steps <= T:
-        raise ValueError(f"DDIM steps must be in [1, {T}], got {steps}")
-    if steps == 1:   # linspace(0, T-1, 1) is [0]: one step must start from pure noise, t = T
-        return [T - 1]
-    return sorted({int(round(i)) for i in torch.linspace(0, T - 1, steps).tolist()}, reverse=True)
+def ddim_timesteps(T: int, steps: int, t_start: int | None = None) -> list:
+    """``steps`` evenly spaced timestep indices from ``t_start`` (default T-1) down to 0:
+    the sub-sequence tau of DDIM and DPM-Solver."""
+    t_start = T - 1 if t_start is None else t_start
+    if not 0 <= t_start < T:
+        raise ValueError(f"t_start must be a timestep index in [0, {T}), got {t_start}")
+    if not 1 <= steps <= t_start + 1:
+        raise ValueError(f"steps must be in [1, {t_start + 1}], got {steps}")
+    if steps == 1:   # linspace(0, t_start, 1) is [0]: one step must start from t_start
+        return [t_start]
+    return sorted({int(round(i)) for i in torch.linspace(0, t_start, steps).tolist()}, reverse=True)
+
+
+def _alpha_sigma(schedule: NoiseSchedule, index: int | None):
+    """(sqrt(bar-alpha), sqrt(1 - bar-alpha)) at a code index; index None is the clean x_0 (1, 0)."""
+    if index is None:
+        one = schedule.alpha_bar.new_tensor(1.0)
+        return one, one * 0
+    return schedule.sqrt_alpha_bar[index], schedule.sqrt_one_minus_alpha_bar[index]
+
+
+def ddim_step(schedule: NoiseSchedule, x: torch.Tensor, eps_theta: torch.Tensor, x0_hat: torch.Tensor,
+              t_index: int, s_index: int | None, eta: float, z: torch.Tensor | None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, Eq. 12), from step t to the next step s < t of tau (s None: x_0):
+
+        sigma = eta * sqrt((1 - bar-alpha_s) / (1 - bar-alpha_t)) * sqrt(1 - bar-alpha_t / bar-alpha_s)
+        x_s   = sqrt(bar-alpha_s) hat-x_0 + sqrt(1 - bar-alpha_s - sigma^2) eps_theta + sigma z
+
+    eta = 0 is deterministic given x_T; eta = 1 with every step is DDPM's posterior variance.
+    """
+    ab_t = schedule.alpha_bar[t_index]
+    ab_s = _alpha_sigma(schedule, s_index)[0] ** 2
+    sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).clamp(min=0).sqrt()
+    direction = (1 - ab_s - sigma ** 2).clamp(min=0).sqrt() * eps_theta    # 3. direction to x_t
+    noise = sigma * z if z is not None else 0.0
+    return ab_s.sqrt() * x0_hat + direction + noise                         # 4. x_s
+
+
+def dpmpp_2m_step(schedule: NoiseSchedule, x: torch.Tensor, x0_hat: torch.Tensor, t_index: int,
+                  s_index: int | None, previous: tuple | None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), from t to the next step s < t of tau.
+
+    With alpha = sqrt(bar-alpha), sigma = sqrt(1 - bar-alpha), lambda = log(alpha / sigma) and
+    h = lambda_s - lambda_t, the exact solution of the diffusion ODE in data-prediction form is
+    approximated by holding hat-x_0 linear in lambda, using the previous step's prediction:
+
+        D   = (1 + 1/(2r)) hat-x_0(t) - 1/(2r) hat-x_0(t_prev),   r = h_prev / h
+        x_s = (sigma_s / sigma_t) x_t - alpha_s (exp(-h) - 1) D
+
+    ``previous`` = (hat-x_0, h) of the previous step, None on the first step and D = hat-x_0
+    (first order: exactly DDIM with eta = 0). At s = x_0 (sigma_s = 0) x_s = D.
+    """
+    a_t, sig_t = _alpha_sigma(schedule, t_index)
+    a_s, sig_s = _alpha_sigma(schedule, s_index)
+    if s_index is None:                    # lambda_s = +inf: the step lands on D itself
+        h = None
+    else:
+        h = torch.log(a_s / sig_s) - torch.log(a_t / sig_t)
+    D = x0_hat
+    if previous is not None and h is not None:
+        prev_x0, h_prev = previous
+        r = h_prev / h
+        D = (1 + 1 / (2 * r)) * x0_hat - 1 / (2 * r) * prev_x0
+    if h is None:
+        return D
+    return (sig_s / sig_t) * x - a_s * torch.expm1(-h) * D
+
+
+SOLVERS = ("ddim", "dpm++2m")
 
 
 @torch.no_grad()
-def ddim_sample(model, schedule: NoiseSchedule, n: int = 16, steps: int = 50, eta: float = 0.0,
-                seed: int | None = 0, device=None, clip_x0: bool = False, record=(),
-                progress: bool = True, generator: torch.Generator | None = None,
-                x_T: torch.Tensor | None = None) -> SampleResult:
-    """DDIM (Song et al. 2021, Eq. 12) on a sub-sequence tau of ``steps`` timesteps:
+def sample(model, schedule: NoiseSchedule, method: str = "ddim", n: int = 16, steps: int = 50,
+           eta: float = 0.0, seed: int | None = 0, device=None, clip_x0: bool = False, record=(),
+           progress: bool = True, generator: torch.Generator | None = None,
+           x_T: torch.Tensor | None = None, t_start: int | None = None) -> SampleResult:
+    """Sample on a sub-sequence tau of ``steps`` timesteps with one of ``SOLVERS``: one loop,
+    one network call per step, the update done by that method's step function.
 
-        hat-x_0  = (x_t - sqrt(1 - bar-alpha_t) eps_theta) / sqrt(bar-alpha_t)
-        sigma    = eta * sqrt((1 - bar-alpha_s) / (1 - bar-alpha_t)) * sqrt(1 - bar-alpha_t / bar-alpha_s)
-        x_s      = sqrt(bar-alpha_s) hat-x_0 + sqrt(1 - bar-alpha_s - sigma^2) eps_theta + sigma z
-
-    where s is the next (smaller) step of tau and bar-alpha_s = 1 after the last one.
-    eta = 0 is deterministic given x_T; eta = 1 with every step matches DDPM's posterior variance.
+    ``x_T`` with ``t_start``: start from a given x_t at that step instead of pure noise at T
+    (e.g. a real image noised with Eq. 4: the partial-noise experiment of chapter 05).
     """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if method not in SOLVERS:
+        raise ValueError(f"method must be one of {SOLVERS}, got {method!r}")
+    if not 0.0 <= eta <= 1.0:          # also refuses NaN
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's variance), got {eta}")
+    if method != "ddim" and eta:
+        raise ValueError(f"eta applies to DDIM only; {method} is a deterministic ODE solver")
     x, generator, device = _start(model, n, seed, device, generator, x_T)
     schedule = schedule.to(device)
-    taus = ddim_timesteps(schedule.T, steps)
+    taus = ddim_timesteps(schedule.T, steps, t_start)
     record = set(int(r) for r in record)
-    out = SampleResult(images=x)
-    for i, t_index in enumerate(tqdm(taus, desc=f"DDIM {len(taus)} steps", disable=not progress)):
+    out, previous = SampleResult(images=x), None
+    label = f"{'DDIM' if method == 'ddim' else 'DPM-Solver++(2M)'} {len(taus)} steps"
+    for i, t_index in enumerate(tqdm(taus, desc=label, disable=not progress, mininterval=2.0)):
+        s_index = taus[i + 1] if i + 1 < len(taus) else None
         t = torch.full((n,), t_index, device=device, dtype=torch.long)
         eps_theta = model(x, t).float()                                   # 1. predict eps
         x0_hat = predict_x0_from_eps(schedule, x, t, eps_theta)           # 2. hat-x_0
         if clip_x0:
             x0_hat = x0_hat.clamp(-1, 1)
-        ab_t = schedule.alpha_bar[t_index]
-        ab_s = schedule.alpha_bar[taus[i + 1]] if i + 1 < len(taus) else ab_t.new_tensor(1.0)
-        sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).clamp(min=0).sqrt()
-        direction = (1 - ab_s - sigma ** 2).clamp(min=0).sqrt() * eps_theta  # 3. direction to x_t
-        noise = sigma * _noise_like(x, generator) if eta > 0 else 0.0
         if t_index in record:
             out.trajectory[t_index] = x.cpu()
             out.x0_trajectory[t_index] = x0_hat.clamp(-1, 1).cpu()
-        x = ab_s.sqrt() * x0_hat + direction + noise                      # 4. x_s
-    out.images = x.clamp(-1, 1).cpu()
+        if method == "ddim":                                              # 3.-4. the step to s
+            z = _noise_like(x, generator) if eta > 0 else None
+            x = ddim_step(schedule, x, eps_theta, x0_hat, t_index, s_index, eta, z)
+        else:
+            x_next = dpmpp_2m_step(schedule, x, x0_hat, t_index, s_index, previous)
+            if s_index is not None:
+                a_t, sig_t = _alpha_sigma(schedule, t_index)
+                a_s, sig_s = _alpha_sigma(schedule, s_index)
+                previous = (x0_hat, torch.log(a_s / sig_s) - torch.log(a_t / sig_t))
+            x = x_next
+    out.raw, out.images = x.cpu(), x.clamp(-1, 1).cpu()
     return out
+
+
+def ddim_sample(model, schedule: NoiseSchedule, n: int = 16, steps: int = 50, eta: float = 0.0,
+                **kwargs) -> SampleResult:
+    """DDIM (Song et al. 2021) with ``steps`` network calls: :func:`sample` with :func:`ddim_step`."""
+    return sample(model, schedule, "ddim", n=n, steps=steps, eta=eta, **kwargs)
+
+
+def dpm_solver_sample(model, schedule: NoiseSchedule, n: int = 16, steps: int = 20, **kwargs) -> SampleResult:
+    """DPM-Solver++(2M) (Lu et al. 2022) with ``steps`` network calls: :func:`sample` with
+    :func:`dpmpp_2m_step`."""
+    return sample(model, schedule, "dpm++2m", n=n, steps=steps, **kwargs)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
+    """Spherical interpolation between two noise tensors of equal shape (Song et al. 2021, §5.3):
+
+        slerp(a, b, w) = sin((1 - w) theta) / sin(theta) a + sin(w theta) / sin(theta) b,
+        theta = arccos(<a, b> / (|a| |b|))
+
+    Keeps the norm of Gaussian noise near sqrt(D), which a straight line between two draws
+    would shrink (the midpoint of two independent draws has norm ~ sqrt(D / 2)).
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"slerp needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    theta = torch.arccos((a * b).sum() / (a.norm() * b.norm())).clamp(min=1e-6)
+    return (torch.sin((1 - w) * theta) * a + torch.sin(w * theta) * b) / torch.sin(theta)

@@ -78,7 +78,7 @@ class NoiseSchedule:
     @classmethod
     def from_betas(cls, beta: torch.Tensor) -> "NoiseSchedule":
         beta = beta.to(torch.float64)
-        if beta.ndim != 1 or not ((beta > 0) & (beta < 1)).all():
+        if beta.ndim != 1 or beta.numel() == 0 or not ((beta > 0) & (beta < 1)).all():
             raise ValueError("betas must be a 1-D tensor with every value in (0, 1)")
         alpha = 1 - beta
         alpha_bar = torch.cumprod(alpha, dim=0)
@@ -103,16 +103,23 @@ class NoiseSchedule:
 
 def make_schedule(name: str = "linear", T: int = 1000, beta_start: float = 1e-4,
                   beta_end: float = 0.02) -> NoiseSchedule:
-    """The schedule called ``name`` ("linear" or "cosine") with ``T`` steps."""
-    if name == "linear":
-        return NoiseSchedule.from_betas(linear_betas(T, beta_start, beta_end))
-    if name == "cosine":
-        return NoiseSchedule.from_betas(cosine_betas(T))
-    raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULES}")
+    """The schedule called ``name`` (one of ``config.SCHEDULES``) with ``T`` steps."""
+    betas = {"linear": lambda: linear_betas(T, beta_start, beta_end),
+             "cosine": lambda: cosine_betas(T)}
+    if name not in betas:
+        raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULES}")
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"T must be an integer >= 1, got {T!r}")
+    return NoiseSchedule.from_betas(betas[name]())
 
 
 def check_timesteps(t: torch.Tensor, T: int, batch: int | None = None) -> None:
-    """Raise a clear error unless ``t`` is an integer tensor of shape (B,) in [0, T)."""
+    """Raise a clear error unless ``t`` is an integer tensor of shape (B,) in [0, T).
+
+    Called once at public entry points (the U-Net's forward, ``loss_simple``, ``q_sample``...),
+    never inside :func:`extract`. The range check reads two numbers back from a CPU tensor; on
+    CUDA it is an asynchronous device assert, so the sampling loop never waits for the GPU.
+    """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be a torch.Tensor of integer timesteps, got {type(t).__name__}")
     if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -121,13 +128,24 @@ def check_timesteps(t: torch.Tensor, T: int, batch: int | None = None) -> None:
         raise ValueError(f"t must have shape (B,), got {tuple(t.shape)}")
     if batch is not None and t.shape[0] != batch:
         raise ValueError(f"t has {t.shape[0]} timesteps but the batch has {batch} images")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
+    if not t.numel():
+        return
+    if t.device.type != "cpu":
+        torch._assert_async(((t >= 0) & (t < T)).all(), f"timesteps must lie in [0, {T})")
+        return
+    lo, hi = (int(v) for v in torch.aminmax(t))
+    if lo < 0 or hi >= T:
         raise ValueError(f"timesteps must lie in [0, {T}) (code index = paper t - 1), "
-                         f"got min {int(t.min())}, max {int(t.max())}")
+                         f"got min {lo}, max {hi}")
 
 
 def extract(a: torch.Tensor, t: torch.Tensor, x_shape) -> torch.Tensor:
-    """Pick a[t] per sample and shape it to broadcast over x: (T,), (B,) -> (B, 1, 1, 1)."""
-    check_timesteps(t, a.shape[0], batch=x_shape[0])
+    """Pick a[t] per sample and shape it to broadcast over x: (T,), (B,) -> (B, 1, 1, 1).
+
+    No range check here (it runs several times per sampling step): callers validate ``t``
+    once with :func:`check_timesteps`. Out-of-range indices still fail in the indexing.
+    """
+    if t.ndim != 1 or t.shape[0] != x_shape[0]:
+        raise ValueError(f"t must have shape (B,) = ({x_shape[0]},), got {tuple(t.shape)}")
     out = a.to(t.device)[t.long()]                      # (B,)
     return out.reshape(t.shape[0], *([1] * (len(x_shape) - 1)))

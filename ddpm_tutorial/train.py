@@ -22,8 +22,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .checkpoint import configs_from_checkpoint, load_checkpoint, load_weights, save_checkpoint
-from .config import DiffusionConfig, TrainConfig
-from .diffusion import loss_simple
+from .config import DiffusionConfig, ModelConfig, Preset, TrainConfig, resolve_device
+from .diffusion import check_images, loss_simple
 from .schedules import NoiseSchedule
 
 
@@ -79,94 +79,123 @@ def batch_indices(n_data: int, batch_size: int, seed: int, step: int) -> torch.T
     return perm[k * batch_size:(k + 1) * batch_size] if n_data >= batch_size else perm
 
 
-def _autocast(device: torch.device, cfg: TrainConfig):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+def check_training_data(data: torch.Tensor, model_cfg: ModelConfig) -> None:
+    """Raise unless ``data`` is float (N, C, H, W) in [-1, 1] that fits the model, N >= 1, and
+    not all >= 0 (images scaled to [0, 1] by mistake).
+    Checked once, before training, so a long run never starts on data it cannot use."""
+    shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+    check_images(data, "training data", shape=shape, in_range=True, min_count=1)
+    lo = data.min().item()
+    if lo >= 0 and len(data) > 1:
+        raise ValueError(f"training data lies in [{lo:.3f}, {data.max().item():.3f}]: it looks scaled to [0, 1], "
+                         "but the model is trained on [-1, 1] (use 2 * x - 1)")
 
 
 class Trainer:
-    """Holds model, EMA, optimiser and history so training can stop, save and resume."""
+    """Holds model, EMA, optimiser and history so training can stop, save and resume.
+
+    ``data``: the training images, float (N, C, H, W) in [-1, 1], validated once here.
+    Build one from a preset with :func:`build_trainer`.
+    """
 
     def __init__(self, model, data: torch.Tensor, train: TrainConfig,
                  diffusion: DiffusionConfig | None = None, device=None):
-        if data.ndim != 4 or not data.is_floating_point():
-            raise ValueError(f"training data must be float (N, C, H, W) in [-1, 1], "
-                             f"got {tuple(data.shape)} {data.dtype}")
-        if data.numel() and (data.min() < -1.001 or data.max() > 1.001):
-            raise ValueError(f"training data must be scaled to [-1, 1], got range "
-                             f"[{data.min():.3f}, {data.max():.3f}]")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_training_data(data, model.config)
+        self.device = resolve_device(device)
         self.cfg, self.diffusion_cfg = train, diffusion or DiffusionConfig()
         self.schedule = NoiseSchedule.from_config(self.diffusion_cfg).to(self.device)
         self.data = data
         self.model = model.to(self.device)
-        if train.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(train.ema_decay))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.lr)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda")
+        # fp16 autocast with loss scaling on CUDA (a T4 has fast fp16, no bf16); fp32 on the CPU.
+        self.amp = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.step = 0
         self.history = History(t_bucket_sum=[0.0] * train.num_t_buckets,
                                t_bucket_count=[0] * train.num_t_buckets)
 
     def train_step(self) -> float:
         """Algorithm 1, one iteration. Returns the batch's L_simple."""
-        cfg, step = self.cfg, self.step
-        g = step_generator(cfg.seed, step)
-        x0 = self.data[batch_indices(len(self.data), cfg.batch_size, cfg.seed, step)]   # line 2
-        t = torch.randint(0, self.schedule.T, (x0.shape[0],), generator=g)              # line 3
-        eps = torch.randn(x0.shape, generator=g)                                        # line 4
-        x0, t, eps = x0.to(self.device), t.to(self.device), eps.to(self.device)
-        if cfg.channels_last:
-            x0, eps = x0.contiguous(memory_format=torch.channels_last), eps.contiguous(memory_format=torch.channels_last)
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)
+        x0, t, eps = self.draw_batch()                   # lines 2-4: x_0 ~ q(x_0), t ~ U, eps ~ N(0, I)
         self.model.train()
-        with _autocast(self.device, cfg):
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             per_sample = loss_simple(self.model, self.schedule, x0, t, eps, reduction="none")
         loss = per_sample.mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; "
-                                     "lower the learning rate or check the data scaling")
+        self.gradient_step(loss)                         # line 5: a gradient step on the loss
+        self.ema.update_parameters(self.model)
+        self.record(loss, t, per_sample)
+        self.step += 1
+        return self.history.loss[-1]
+
+    def draw_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Algorithm 1, lines 2-4, drawn from a generator seeded by (seed, step):
+        x0 (B, C, H, W), t (B,) code indices in [0, T), eps (B, C, H, W), on the device."""
+        g = step_generator(self.cfg.seed, self.step)
+        x0 = self.data[batch_indices(len(self.data), self.cfg.batch_size, self.cfg.seed, self.step)]
+        t = torch.randint(0, self.schedule.T, (x0.shape[0],), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        return x0.to(self.device), t.to(self.device), eps.to(self.device)
+
+    def gradient_step(self, loss: torch.Tensor) -> None:
+        """Adam on the loss, with the preset's learning-rate schedule and gradient clipping
+        (the paper's code clips at norm 1); loss scaling when fp16 autocast is on."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_factor(self.step, self.cfg)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()                                              # line 5
+        self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.ema.update_parameters(self.model)
-        self._record(loss.item(), t, per_sample.detach())
-        self.step += 1
-        return loss.item()
 
-    def _record(self, loss: float, t: torch.Tensor, per_sample: torch.Tensor) -> None:
-        self.history.loss.append(loss)
+    def record(self, loss: torch.Tensor, t: torch.Tensor, per_sample: torch.Tensor) -> None:
+        """Append the loss (one host sync per step) and add each sample's loss to its t bucket."""
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {self.step}; lower the "
+                                     "learning rate (--lr) or check that the data is scaled to [-1, 1]")
+        self.history.loss.append(value)
         K = self.cfg.num_t_buckets
         buckets = (t * K // self.schedule.T).cpu()
-        for b, v in zip(buckets.tolist(), per_sample.float().cpu().tolist()):
+        for b, v in zip(buckets.tolist(), per_sample.detach().float().cpu().tolist()):
             self.history.t_bucket_sum[b] += v
             self.history.t_bucket_count[b] += 1
 
     def fit(self, steps: int | None = None, progress: bool = True, callback=None,
             checkpoint_path=None, checkpoint_every: int = 0) -> History:
-        """Train until ``steps`` total steps (default ``cfg.steps``). ``callback(trainer)``
-        runs every ``checkpoint_every`` steps and at the end (e.g. to plot)."""
+        """Train until ``steps`` total steps (default ``cfg.steps``), saving to ``checkpoint_path``
+        every ``checkpoint_every`` steps (0: only at the end) and at the end; ``callback(trainer)``
+        runs at the same moments (e.g. to plot). Nothing is saved when no step ran.
+
+        Ctrl-C (KeyboardInterrupt) saves a resumable checkpoint first, then re-raises.
+        """
         steps = self.cfg.steps if steps is None else steps
-        start = time.perf_counter()
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0: only at the end), got {checkpoint_every}")
+        first, start = self.step, time.perf_counter()
         bar = tqdm(range(self.step, steps), desc="training", disable=not progress,
-                   initial=self.step, total=steps)
-        for _ in bar:
-            loss = self.train_step()
-            if self.step % 25 == 0:
-                bar.set_postfix(loss=f"{loss:.4f}")
-            if checkpoint_every and self.step % checkpoint_every == 0:
-                if checkpoint_path:
-                    self.save(checkpoint_path)
-                if callback:
-                    callback(self)
+                   initial=self.step, total=steps, mininterval=2.0)
+        try:
+            for _ in bar:
+                loss = self.train_step()
+                if self.step % 25 == 0:
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if checkpoint_every and self.step % checkpoint_every == 0:
+                    if checkpoint_path:
+                        self.save(checkpoint_path)
+                    if callback:
+                        callback(self)
+        except KeyboardInterrupt:
+            self.history.seconds += time.perf_counter() - start
+            bar.close()
+            if checkpoint_path and self.step > first:
+                self.save(checkpoint_path)
+                print(f"interrupted at step {self.step}: saved a resumable checkpoint to {checkpoint_path}")
+            raise
+        bar.close()
         self.history.seconds += time.perf_counter() - start
-        if checkpoint_path:
+        if checkpoint_path and self.step > first:
             self.save(checkpoint_path)
         if callback:
             callback(self)
@@ -209,15 +238,17 @@ class Trainer:
         return self
 
 
-def train_preset(preset, data: torch.Tensor | None = None, device=None, progress: bool = True,
-                 checkpoint_path=None, checkpoint_every: int = 0, callback=None) -> Trainer:
-    """Build the preset's U-Net, load Fashion-MNIST (the preset's subset) and train it."""
+def build_trainer(preset: Preset, data: torch.Tensor | None = None, device=None,
+                  model: ModelConfig | None = None, train: TrainConfig | None = None) -> Trainer:
+    """The one way to assemble a :class:`Trainer`: the preset's configs (``model`` / ``train``
+    replace them, e.g. for the ablation's variants), weights initialised from ``train.seed``
+    (the same seed gives the same initial network), Fashion-MNIST loaded when ``data`` is None."""
     from .data import load_fashion_mnist
     from .unet import UNet
-    torch.manual_seed(preset.train.seed)           # weight initialisation
+    model, train = model or preset.model, train or preset.train
+    with torch.random.fork_rng(devices=[]):      # seed the initialisation without touching global RNG
+        torch.manual_seed(train.seed)
+        net = UNet(model, T=preset.diffusion.T)
     if data is None:
-        data, _ = load_fashion_mnist(train=True, subset=preset.train.subset)
-    trainer = Trainer(UNet(preset.model), data, preset.train, preset.diffusion, device)
-    trainer.fit(progress=progress, checkpoint_path=checkpoint_path,
-                checkpoint_every=checkpoint_every, callback=callback)
-    return trainer
+        data, _ = load_fashion_mnist(train=True, subset=train.subset)
+    return Trainer(net, data, train, preset.diffusion, device)

@@ -11,7 +11,7 @@ Where the decoder's skip features come from is the subject of chapter 06:
   tutorial did. To keep the parameter count identical, they are brought back to
   r_i by nearest-neighbour repetition before concatenation, so every 2x2 block of
   the skip is constant: half the resolution's detail never reaches the decoder.
-- ``skip=None``: no skips at all (fewer parameters in the decoder's first blocks).
+- ``skip="none"``: no skips at all (fewer parameters in the decoder's first blocks).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .embeddings import TimeEmbedding
+from .schedules import check_timesteps
 
 
 class ResBlock(nn.Module):
@@ -88,13 +89,14 @@ class Upsample(nn.Module):
 class UNet(nn.Module):
     """eps_theta(x_t, t): (B, C, H, W), (B,) -> (B, C, H, W). Built from a :class:`ModelConfig`."""
 
-    def __init__(self, config: ModelConfig | None = None, **overrides):
+    def __init__(self, config: ModelConfig | None = None, T: int = 1000, **overrides):
         super().__init__()
         if config is None:
             config = ModelConfig(**overrides)
         elif overrides:
             raise TypeError("pass either a ModelConfig or keyword overrides, not both")
         self.config = cfg = config
+        self.T = T                    # timesteps it is trained for: t must lie in [0, T)
         widths, g, temb = cfg.widths, cfg.groups, cfg.temb_dim
         L = len(widths)
 
@@ -117,7 +119,7 @@ class UNet(nn.Module):
         self.upsamples, self.up_blocks = nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(L - 1)):       # decoder levels L-2 .. 0
             w = widths[i]
-            skip_ch = w if cfg.skip is not None else 0
+            skip_ch = w if cfg.skip != "none" else 0
             self.upsamples.append(Upsample(ch))
             self.up_blocks.append(nn.ModuleList(
                 ResBlock(ch + skip_ch if j == 0 else w, w, temb, g, cfg.dropout)
@@ -138,14 +140,12 @@ class UNet(nn.Module):
                              f"got {tuple(x.shape[2:])}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-        if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.shape[0] != x.shape[0]:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {shape}")
+        check_timesteps(t, self.T, batch=x.shape[0])
 
     def encode(self, x: torch.Tensor, temb: torch.Tensor):
         """Encoder. Returns (h at the lowest resolution, skips, sizes).
 
-        skips[i] is what decoder level i will concatenate (``None`` when skip=None);
+        skips[i] is what decoder level i will concatenate (``None`` when skip="none");
         sizes[i] is the spatial size of level i, where the decoder upsamples to.
         """
         h = self.conv_in(x)
@@ -158,7 +158,7 @@ class UNet(nn.Module):
             sizes.append(tuple(h.shape[2:]))
             saved_before = h                          # (B, w_i, r_i, r_i)
             h = self.downsamples[i](h)                # (B, w_i, r_i/2, r_i/2)
-            skips.append({"pre": saved_before, "post": h, None: None}[self.config.skip])
+            skips.append({"pre": saved_before, "post": h, "none": None}[self.config.skip])
         return h, skips, sizes
 
     def decode(self, h: torch.Tensor, skips, sizes, temb: torch.Tensor) -> torch.Tensor:

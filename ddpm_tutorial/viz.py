@@ -37,8 +37,32 @@ def show_grid(images: torch.Tensor, nrow: int | None = None, title: str | None =
     return ax
 
 
+def glue(name: str, value, display: bool = False):
+    """Record ``value`` under ``name`` for the book's prose (myst-nb's ``glue``: the markdown
+    writes {glue:text}`name` and shows the number this run computed, never a typed one).
+    Where myst-nb is not installed (Colab) nothing is recorded. Returns ``value``."""
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        return value
+    myst_glue(name, value, display=display)
+    return value
+
+
+def check_image_extension(path) -> None:
+    """Raise unless matplotlib can write an image file with ``path``'s extension."""
+    from pathlib import Path
+    supported = plt.gcf().canvas.get_supported_filetypes()
+    plt.close()
+    ext = Path(path).suffix.lower().lstrip(".")
+    if ext not in supported:
+        raise ValueError(f"cannot write an image to {path}: unknown extension {'.' + ext if ext else '(none)'}; "
+                         f"use one of {', '.join('.' + e for e in sorted(supported))}")
+
+
 def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> None:
     """Write the grid as a PNG at native pixel size (one image pixel = one PNG pixel)."""
+    check_image_extension(path)
     plt.imsave(path, grid_array(images, nrow), cmap="gray", vmin=0, vmax=1)
 
 
