@@ -41,6 +41,9 @@ def _train(args) -> None:
         model_cfg, diffusion_cfg, train_cfg = configs_from_checkpoint(ckpt)
         preset = dataclasses.replace(preset, name=f"{args.resume} (resumed)", model=model_cfg,
                                      diffusion=diffusion_cfg, train=train_cfg)
+    if args.conditional and not args.resume:
+        from .data import CLASSES
+        preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, num_classes=len(CLASSES)))
     train_cfg = dataclasses.replace(preset.train, **overrides)      # validated by TrainConfig
     out = Path(args.out or args.resume or f"runs/{preset.name}.pt")
     check_output_path(out, overwrite=bool(args.force or (args.resume and out == Path(args.resume))))
@@ -48,8 +51,8 @@ def _train(args) -> None:
         raise ValueError(f"{args.resume} has already trained {ckpt['step']} steps; pass --steps N with "
                          f"N > {ckpt['step']} to train further")
     print(f"preset {preset.name} on {hardware_summary()}; checkpoint -> {out}")
-    data, _ = load_fashion_mnist(train=True, subset=train_cfg.subset, root=args.data)
-    trainer = build_trainer(preset, data, train=train_cfg)
+    data, labels = load_fashion_mnist(train=True, subset=train_cfg.subset, root=args.data)
+    trainer = build_trainer(preset, data, train=train_cfg, labels=labels if preset.model.num_classes else None)
     if args.resume:
         trainer.resume(args.resume)
         trainer.cfg = train_cfg          # the same run, with a new number of total steps
@@ -71,6 +74,8 @@ def _sample(args) -> None:
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    if not 0.0 <= args.guidance < float("inf"):
+        raise ValueError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if not (0.0 <= args.eta <= 1.0):
         raise ValueError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {args.eta}")
     if not args.png and not args.tensor:
@@ -83,10 +88,17 @@ def _sample(args) -> None:
         check_image_extension(args.png)
     device = default_device()
     model, schedule, _ = model_from_checkpoint(args.checkpoint, device=device)
+    y = class_index(args.class_name) if args.class_name is not None else None
+    if y is None and args.guidance:
+        raise ValueError("--guidance needs --class (the class to guide towards)")
+    if y is not None and not model.config.num_classes:
+        raise ValueError("this checkpoint has no class embedding (an unconditional model): drop --class, "
+                         "or train a conditional one with `python -m ddpm_tutorial train --conditional`")
     if args.ddim_steps:
-        result = ddim_sample(model, schedule, n=args.n, steps=args.ddim_steps, eta=args.eta, seed=args.seed)
+        result = ddim_sample(model, schedule, n=args.n, steps=args.ddim_steps, eta=args.eta, seed=args.seed,
+                             y=y, guidance=args.guidance)
     else:
-        result = ddpm_sample(model, schedule, n=args.n, seed=args.seed)
+        result = ddpm_sample(model, schedule, n=args.n, seed=args.seed, y=y, guidance=args.guidance)
     check_samples(result)
     if args.png:
         save_grid(result.images, args.png)
@@ -94,6 +106,19 @@ def _sample(args) -> None:
     if args.tensor:
         torch.save(result.images, args.tensor)
         print(f"wrote {args.tensor}: tensor {tuple(result.images.shape)} in [-1, 1]")
+
+
+def class_index(name: str) -> int:
+    """A Fashion-MNIST class by index (0-9) or name, case-insensitive ("sneaker", "ankle boot", "t-shirt")."""
+    from .data import CLASSES
+    if name.strip().isdigit() and int(name) < len(CLASSES):
+        return int(name)
+    wanted = name.strip().lower().replace("_", " ")
+    for i, c in enumerate(CLASSES):
+        if wanted in (c.lower(), *c.lower().split("/")):
+            return i
+    raise ValueError(f"unknown class {name!r}; expected an index 0-{len(CLASSES) - 1} or one of: "
+                     + ", ".join(c.lower() for c in CLASSES))
 
 
 def _export(args) -> None:
@@ -127,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--subset", type=int, help="use only the first N training images")
+    t.add_argument("--conditional", action="store_true",
+                   help="class-conditional model (labels dropped with p_uncond) for classifier-free guidance")
     t.add_argument("--data", help="folder with the Fashion-MNIST files (else DDPM_DATA_DIR, Debian, download)")
     t.add_argument("--save-every", type=_positive_or_zero, default=500,
                    help="checkpoint every N steps (0: only at the end)")
@@ -139,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ddim-steps", type=_positive_or_zero, default=0,
                    help="0: full DDPM (T steps); else DDIM with this many")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise, in [0, 1]")
+    s.add_argument("--class", dest="class_name", default=None,
+                   help="class to generate, by name or index (a conditional checkpoint)")
+    s.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale w >= 0")
     s.add_argument("--png", help="write an image grid here (.png, .jpg, .pdf, .svg)")
     s.add_argument("--tensor", help="write the (N, 1, 28, 28) tensor in [-1, 1] here (torch.save)")
     s.set_defaults(func=_sample)

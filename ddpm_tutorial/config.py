@@ -38,6 +38,7 @@ class ModelConfig:
     time_embed_dim: int = 0           # 0 means 4 * base_channels, as in the paper's code
     skip: str = "pre"                 # "pre" (correct), "post" (the original tutorial's bug), "none"
     dropout: float = 0.0              # the paper used 0.1 on CIFAR-10; small data needs none
+    num_classes: int = 0              # > 0: a class embedding (plus a "null" class) for guidance
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
@@ -63,6 +64,8 @@ class ModelConfig:
                   f"{len(self.channel_mults)} levels (needs >= {min_size})")
         if not 0.0 <= self.dropout < 1.0:
             _fail(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.num_classes < 0:
+            _fail(f"num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
 
     @property
     def widths(self) -> tuple:
@@ -106,6 +109,8 @@ class TrainConfig:
     subset: int = 0               # 0 = all 60k training images; >0 = the first N
     seed: int = 0                 # weight init, data order, t and eps of every step
     num_t_buckets: int = 10       # loss is also tracked per bucket of t
+    p_uncond: float = 0.1         # class-conditional models: label dropped (-> null class) with this
+                                  # probability, so one network also learns eps_theta(x_t, null)
 
     def __post_init__(self):
         if self.lr_decay not in LR_DECAYS:
@@ -126,6 +131,8 @@ class TrainConfig:
             _fail(f"subset must be >= 0 (0 = all images), got {self.subset}")
         if self.num_t_buckets < 1:
             _fail(f"num_t_buckets must be >= 1, got {self.num_t_buckets}")
+        if not 0.0 <= self.p_uncond < 1.0:
+            _fail(f"p_uncond must be in [0, 1), got {self.p_uncond}")
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,7 @@ class Preset:
     eta_sweep: tuple = (0.0, 0.5, 1.0)      # 05: DDIM's eta
     n_chains: int = 2000          # 01: chains behind the closed-form check
     slider_frames: int = 41       # frames per timestep slider
+    guidance_scales: tuple = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)   # 07: classifier-free guidance w
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -179,7 +187,7 @@ PRESETS = {
             seeds=(0, 1), n_samples=32, ddim_steps=5),
         description="CI smoke run: outputs are meaningless, only that every cell runs",
         n_samples=8, n_metric=64, n_bootstrap=20, ddim_steps=10, ddim_sweep=(5, 10),
-        eta_sweep=(0.0, 1.0), n_chains=256, slider_frames=11),
+        eta_sweep=(0.0, 1.0), n_chains=256, slider_frames=11, guidance_scales=(0.0, 2.0)),
     # A laptop CPU: about 15 minutes of training on 2 cores. Tuned at that budget with
     # bench/quality.py (book/results.md): 32 channels at 14x14 instead of 64 cost nothing in
     # quality and buy 1.4x more steps.

@@ -125,13 +125,14 @@ def eps_posterior_mean(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tenso
 
 def loss_simple(model, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor | None = None,
                 eps: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", y: torch.Tensor | None = None) -> torch.Tensor:
     """L_simple (Eq. 14), one step of Algorithm 1:
 
         L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(bar-alpha_t) x_0 + sqrt(1 - bar-alpha_t) eps, t) ||^2
 
     t ~ Uniform{0..T-1} and eps ~ N(0, I) are drawn when not given.
     reduction="none" returns the per-sample loss (B,), used for the loss per t bucket.
+    y: class labels (B,) for a class-conditional model (Ho & Salimans 2022), else None.
     """
     check_images(x0, "x0")
     B = x0.shape[0]
@@ -140,7 +141,7 @@ def loss_simple(model, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tenso
     if eps is None:  # Algorithm 1, line 4
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     xt = q_sample(schedule, x0, t, eps)
-    eps_theta = model(xt, t)
+    eps_theta = model(xt, t) if y is None else model(xt, t, y)
     per_sample = F.mse_loss(eps_theta.float(), eps.float(), reduction="none").mean(dim=(1, 2, 3))
     if reduction == "none":
         return per_sample

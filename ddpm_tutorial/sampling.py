@@ -38,6 +38,42 @@ def check_samples(result: SampleResult) -> None:
                                  "the checkpoint's weights are diverged or corrupt")
 
 
+def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+               guidance: float = 0.0) -> torch.Tensor:
+    """The network's noise estimate, with classifier-free guidance (Ho & Salimans 2022, Eq. 6):
+
+        tilde-eps = (1 + w) eps_theta(x_t, t, c) - w eps_theta(x_t, t, null)
+
+    y None: the unconditional eps_theta(x_t, t). w = 0: the conditional prediction alone.
+    For w > 0 both branches run as ONE network call on a doubled batch (2B, C, H, W).
+    """
+    if y is None:
+        return model(x, t).float()
+    if guidance == 0:
+        return model(x, t, y).float()
+    null = torch.full_like(y, model.config.num_classes)
+    eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+    return (1 + guidance) * eps_c - guidance * eps_u
+
+
+def _labels(model, y, n: int, guidance: float, device) -> torch.Tensor | None:
+    """Check the class request once, before the loop: y an int or (n,) integer tensor."""
+    if not 0.0 <= guidance < float("inf"):
+        raise ValueError(f"guidance scale w must be a finite number >= 0, got {guidance}")
+    if y is None:
+        if guidance:
+            raise ValueError("guidance needs a class to guide towards (y / --class)")
+        return None
+    K = model.config.num_classes
+    if not K:
+        raise ValueError("this checkpoint has no class embedding (an unconditional model): sample it "
+                         "without a class, or train one with `python -m ddpm_tutorial train --conditional`")
+    y = torch.full((n,), int(y), dtype=torch.long) if isinstance(y, int) else torch.as_tensor(y).long()
+    if y.shape != (n,) or int(y.min()) < 0 or int(y.max()) >= K:
+        raise ValueError(f"y must be one class index in [0, {K}) or {n} of them, got {y.tolist()[:8]}")
+    return y.to(device)
+
+
 def _start(model, n: int, seed: int | None, device, generator, x_T):
     """Algorithm 2, line 1: x_T ~ N(0, I), seeded; or the given x_T (N, C, H, W)."""
     cfg = model.config
@@ -61,7 +97,8 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def ddpm_sample(model, schedule: NoiseSchedule, n: int = 16, seed: int | None = 0, device=None,
                 clip_x0: bool = False, record=(), progress: bool = True,
-                generator: torch.Generator | None = None, x_T: torch.Tensor | None = None) -> SampleResult:
+                generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+                y=None, guidance: float = 0.0) -> SampleResult:
     """Algorithm 2: x_T ~ N(0, I); for t = T..1: x_{t-1} = p_sample(x_t, eps_theta(x_t, t)).
 
     ``record``: timestep indices at which x_t and hat-x_0 are kept (the trajectory the
@@ -69,12 +106,13 @@ def ddpm_sample(model, schedule: NoiseSchedule, n: int = 16, seed: int | None = 
     models from the same noise.
     """
     x, generator, device = _start(model, n, seed, device, generator, x_T)
+    y = _labels(model, y, n, guidance, device)
     schedule = schedule.to(device)
     record = set(int(r) for r in record)
     out = SampleResult(images=x)
     for t_index in tqdm(range(schedule.T - 1, -1, -1), desc="DDPM sampling", disable=not progress):
         t = torch.full((n,), t_index, device=device, dtype=torch.long)
-        eps_theta = model(x, t).float()                          # Algorithm 2, line 4: predict
+        eps_theta = guided_eps(model, x, t, y, guidance)         # Algorithm 2, line 4: predict
         z = _noise_like(x, generator) if t_index > 0 else torch.zeros_like(x)   # line 3
         x_prev, x0_hat = p_sample(schedule, x, t, eps_theta, z, clip_x0=clip_x0)  # line 4: step
         if t_index in record:
@@ -160,12 +198,14 @@ SOLVERS = ("ddim", "dpm++2m")
 def sample(model, schedule: NoiseSchedule, method: str = "ddim", n: int = 16, steps: int = 50,
            eta: float = 0.0, seed: int | None = 0, device=None, clip_x0: bool = False, record=(),
            progress: bool = True, generator: torch.Generator | None = None,
-           x_T: torch.Tensor | None = None, t_start: int | None = None) -> SampleResult:
+           x_T: torch.Tensor | None = None, t_start: int | None = None,
+           y=None, guidance: float = 0.0) -> SampleResult:
     """Sample on a sub-sequence tau of ``steps`` timesteps with one of ``SOLVERS``: one loop,
     one network call per step, the update done by that method's step function.
 
     ``x_T`` with ``t_start``: start from a given x_t at that step instead of pure noise at T
     (e.g. a real image noised with Eq. 4: the partial-noise experiment of chapter 05).
+    ``y`` (a class index or (n,) indices) and ``guidance`` w: classifier-free guidance, :func:`guided_eps`.
     """
     if method not in SOLVERS:
         raise ValueError(f"method must be one of {SOLVERS}, got {method!r}")
@@ -174,6 +214,7 @@ def sample(model, schedule: NoiseSchedule, method: str = "ddim", n: int = 16, st
     if method != "ddim" and eta:
         raise ValueError(f"eta applies to DDIM only; {method} is a deterministic ODE solver")
     x, generator, device = _start(model, n, seed, device, generator, x_T)
+    y = _labels(model, y, n, guidance, device)
     schedule = schedule.to(device)
     taus = ddim_timesteps(schedule.T, steps, t_start)
     record = set(int(r) for r in record)
@@ -182,7 +223,7 @@ def sample(model, schedule: NoiseSchedule, method: str = "ddim", n: int = 16, st
     for i, t_index in enumerate(tqdm(taus, desc=label, disable=not progress, mininterval=2.0)):
         s_index = taus[i + 1] if i + 1 < len(taus) else None
         t = torch.full((n,), t_index, device=device, dtype=torch.long)
-        eps_theta = model(x, t).float()                                   # 1. predict eps
+        eps_theta = guided_eps(model, x, t, y, guidance)                  # 1. predict eps
         x0_hat = predict_x0_from_eps(schedule, x, t, eps_theta)           # 2. hat-x_0
         if clip_x0:
             x0_hat = x0_hat.clamp(-1, 1)

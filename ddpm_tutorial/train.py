@@ -91,6 +91,23 @@ def check_training_data(data: torch.Tensor, model_cfg: ModelConfig) -> None:
                          "but the model is trained on [-1, 1] (use 2 * x - 1)")
 
 
+def check_labels(labels: torch.Tensor | None, n: int, num_classes: int) -> torch.Tensor | None:
+    """Labels (N,) in [0, num_classes) for a class-conditional model, None for an unconditional one."""
+    if not num_classes:
+        if labels is not None:
+            raise ValueError("labels were given but the model has no class embedding; "
+                             "build it with ModelConfig(num_classes=10) (train --conditional)")
+        return None
+    if labels is None:
+        raise ValueError(f"a class-conditional model (num_classes={num_classes}) needs the labels of its data")
+    if not isinstance(labels, torch.Tensor) or labels.shape != (n,) or labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor of shape ({n},), got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+    return labels.long()
+
+
 class Trainer:
     """Holds model, EMA, optimiser and history so training can stop, save and resume.
 
@@ -99,8 +116,9 @@ class Trainer:
     """
 
     def __init__(self, model, data: torch.Tensor, train: TrainConfig,
-                 diffusion: DiffusionConfig | None = None, device=None):
+                 diffusion: DiffusionConfig | None = None, device=None, labels: torch.Tensor | None = None):
         check_training_data(data, model.config)
+        self.labels = check_labels(labels, len(data), model.config.num_classes)
         self.device = resolve_device(device)
         self.cfg, self.diffusion_cfg = train, diffusion or DiffusionConfig()
         self.schedule = NoiseSchedule.from_config(self.diffusion_cfg).to(self.device)
@@ -117,10 +135,10 @@ class Trainer:
 
     def train_step(self) -> float:
         """Algorithm 1, one iteration. Returns the batch's L_simple."""
-        x0, t, eps = self.draw_batch()                   # lines 2-4: x_0 ~ q(x_0), t ~ U, eps ~ N(0, I)
+        x0, t, eps, y = self.draw_batch()                # lines 2-4: x_0 ~ q(x_0), t ~ U, eps ~ N(0, I)
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            per_sample = loss_simple(self.model, self.schedule, x0, t, eps, reduction="none")
+            per_sample = loss_simple(self.model, self.schedule, x0, t, eps, reduction="none", y=y)
         loss = per_sample.mean()
         self.gradient_step(loss)                         # line 5: a gradient step on the loss
         self.ema.update_parameters(self.model)
@@ -128,14 +146,21 @@ class Trainer:
         self.step += 1
         return self.history.loss[-1]
 
-    def draw_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def draw_batch(self):
         """Algorithm 1, lines 2-4, drawn from a generator seeded by (seed, step):
-        x0 (B, C, H, W), t (B,) code indices in [0, T), eps (B, C, H, W), on the device."""
+        x0 (B, C, H, W), t (B,) code indices in [0, T), eps (B, C, H, W), on the device, and
+        for a class-conditional model the labels y (B,), each replaced by the null class with
+        probability p_uncond (Ho & Salimans 2022); y is None for an unconditional model."""
         g = step_generator(self.cfg.seed, self.step)
-        x0 = self.data[batch_indices(len(self.data), self.cfg.batch_size, self.cfg.seed, self.step)]
+        idx = batch_indices(len(self.data), self.cfg.batch_size, self.cfg.seed, self.step)
+        x0 = self.data[idx]
         t = torch.randint(0, self.schedule.T, (x0.shape[0],), generator=g)
         eps = torch.randn(x0.shape, generator=g)
-        return x0.to(self.device), t.to(self.device), eps.to(self.device)
+        y = None
+        if self.labels is not None:
+            drop = torch.rand(x0.shape[0], generator=g) < self.cfg.p_uncond
+            y = torch.where(drop, self.model.config.num_classes, self.labels[idx]).to(self.device)
+        return x0.to(self.device), t.to(self.device), eps.to(self.device), y
 
     def gradient_step(self, loss: torch.Tensor) -> None:
         """Adam on the loss, with the preset's learning-rate schedule and gradient clipping
@@ -239,10 +264,12 @@ class Trainer:
 
 
 def build_trainer(preset: Preset, data: torch.Tensor | None = None, device=None,
-                  model: ModelConfig | None = None, train: TrainConfig | None = None) -> Trainer:
+                  model: ModelConfig | None = None, train: TrainConfig | None = None,
+                  labels: torch.Tensor | None = None) -> Trainer:
     """The one way to assemble a :class:`Trainer`: the preset's configs (``model`` / ``train``
     replace them, e.g. for the ablation's variants), weights initialised from ``train.seed``
-    (the same seed gives the same initial network), Fashion-MNIST loaded when ``data`` is None."""
+    (the same seed gives the same initial network), Fashion-MNIST loaded when ``data`` is None
+    (with its labels, which a class-conditional model needs)."""
     from .data import load_fashion_mnist
     from .unet import UNet
     model, train = model or preset.model, train or preset.train
@@ -250,5 +277,6 @@ def build_trainer(preset: Preset, data: torch.Tensor | None = None, device=None,
         torch.manual_seed(train.seed)
         net = UNet(model, T=preset.diffusion.T)
     if data is None:
-        data, _ = load_fashion_mnist(train=True, subset=train.subset)
-    return Trainer(net, data, train, preset.diffusion, device)
+        data, labels = load_fashion_mnist(train=True, subset=train.subset)
+    return Trainer(net, data, train, preset.diffusion, device,
+                   labels=labels if model.num_classes else None)

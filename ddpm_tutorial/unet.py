@@ -128,6 +128,9 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(g, ch)
         self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+        # Created last, so an unconditional network's initialisation is unchanged by the option.
+        # Index num_classes is the "null" class: eps_theta(x_t, null) is the unconditional model.
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, temb) if cfg.num_classes else None
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor) -> None:
         cfg = self.config
@@ -141,6 +144,21 @@ class UNet(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         check_timesteps(t, self.T, batch=x.shape[0])
+
+    def _class_labels(self, y: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        K = self.config.num_classes
+        if not K:
+            raise ValueError("this model has no class embedding (ModelConfig.num_classes = 0): "
+                             "sample it without a class, or train a conditional model (train --conditional)")
+        if y is None:
+            return torch.full((batch,), K, dtype=torch.long, device=device)
+        if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.shape[0] != batch or y.is_floating_point():
+            raise ValueError(f"y must be an integer tensor of shape ({batch},), got "
+                             f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+        if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) > K):
+            raise ValueError(f"class labels must lie in [0, {K}] ({K} = the null class), "
+                             f"got min {int(y.min())}, max {int(y.max())}")
+        return y.long()
 
     def encode(self, x: torch.Tensor, temb: torch.Tensor):
         """Encoder. Returns (h at the lowest resolution, skips, sizes).
@@ -173,9 +191,13 @@ class UNet(nn.Module):
                 h = block(h, temb)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """eps_theta(x_t, t[, y]): x (B, C, H, W), t (B,) in [0, T), y (B,) class indices in
+        [0, num_classes] (num_classes = null) or None (the null class) -> (B, C, H, W)."""
         self._check_inputs(x, t)
         temb = self.time_embed(t)                     # (B, temb_dim)
+        if y is not None or self.class_embed is not None:
+            temb = temb + self.class_embed(self._class_labels(y, x.shape[0], x.device))
         h, skips, sizes = self.encode(x, temb)
         h = self.mid2(self.mid_attn(self.mid1(h, temb)), temb)
         h = self.decode(h, skips, sizes, temb)
