@@ -162,6 +162,18 @@ def model_from_checkpoint(path_or_ckpt=None, use_ema: bool = True, device="cpu")
     return model.to(device).eval(), NoiseSchedule.from_config(diffusion_cfg), ckpt
 
 
+def fits_preset(path, preset) -> bool:
+    """True when ``path`` holds a resumable checkpoint (optimiser state included) trained with
+    exactly ``preset``'s model, diffusion and train configs; False for a missing, unreadable or
+    different one (so a chapter retrains rather than reuse a run of other settings)."""
+    try:
+        ckpt = load_checkpoint(path)
+        configs = configs_from_checkpoint(ckpt)
+    except CheckpointError:
+        return False
+    return "optimizer" in ckpt and configs == (preset.model, preset.diffusion, preset.train)
+
+
 def reader_checkpoint_path(preset_name: str) -> Path:
     """Where chapter 04 writes the reader's own checkpoint for a preset (runs/ is ignored by git)."""
     return Path("runs") / f"04_training_{preset_name}.pt"

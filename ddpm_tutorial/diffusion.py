@@ -123,6 +123,29 @@ def eps_posterior_mean(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tenso
     return (xt - coef * eps) / extract(schedule.alpha, t, xt.shape).sqrt()
 
 
+def normal_kl(mean1, var1, mean2, var2) -> torch.Tensor:
+    """KL( N(mean1, var1) || N(mean2, var2) ) per coordinate, in nats; the arguments broadcast:
+
+        KL = 1/2 [ log(var2 / var1) + (var1 + (mean1 - mean2)^2) / var2 - 1 ]
+
+    Between q(x_{t-1} | x_t, x_0) and p_theta(x_{t-1} | x_t) it is L_{t-1} of Eq. 5 (Eq. 8 up to C).
+    """
+    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
+
+
+def bound_weight(schedule: NoiseSchedule, sigma2: torch.Tensor | None = None) -> torch.Tensor:
+    """w_t of Eq. 12, the true bound's weight on ||eps - eps_theta||^2 at every t: (T,) float64.
+
+        w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - bar-alpha_t))
+
+    sigma2: the reverse-step variances sigma_t^2, (T,); default beta_t (the paper's choice), where
+    w_t = beta_t / (2 alpha_t (1 - bar-alpha_t)). L_simple (Eq. 14) replaces w_t by a constant.
+    """
+    beta, alpha, alpha_bar = (getattr(schedule, k).double() for k in ("beta", "alpha", "alpha_bar"))
+    sigma2 = beta if sigma2 is None else sigma2.double()
+    return beta ** 2 / (2 * sigma2 * alpha * (1 - alpha_bar))
+
+
 def loss_simple(model, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor | None = None,
                 eps: torch.Tensor | None = None, generator: torch.Generator | None = None,
                 reduction: str = "mean", y: torch.Tensor | None = None) -> torch.Tensor:

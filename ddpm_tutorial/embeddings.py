@@ -17,8 +17,10 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
 
     sin and cos are concatenated, not interleaved: the network sees the same
     information either way, and the two halves read more clearly in a heatmap.
-    For odd ``dim`` one zero column is appended. The seed tutorial returned
+    For odd ``dim`` one zero column is appended. The original tutorial returned
     2 * (dim // 2) = dim - 1 columns there, and the next Linear layer failed.
+    (The exponent i / half is the Transformer's; the DDPM paper's released code uses
+    i / (half - 1). Both are valid: a checkpoint needs the one it was trained with.)
     """
     if not isinstance(t, torch.Tensor) or t.ndim != 1:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -51,11 +53,12 @@ class TimeEmbedding(nn.Module):
 
 
 def seed_tutorial_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """The seed tutorial's embedding, kept only to show its bug (chapters 2 and 6).
+    """The original tutorial's embedding, kept only to show its bug (chapters 2 and 6).
 
     It concatenates sin and cos of ``dim // 2`` frequencies and stops there, so an odd
-    ``dim`` yields dim - 1 columns, and its frequency exponent divides by (half - 1),
-    which is 0 for dim = 2 or 3. Use :func:`sinusoidal_embedding`.
+    ``dim`` yields dim - 1 columns: that is the bug. Its exponent i / (half - 1) is the
+    convention of the paper's own released code (not a bug), which divides by zero for
+    dim = 2 or 3, a size no real network uses. Use :func:`sinusoidal_embedding`.
     """
     half = dim // 2
     freqs = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))

@@ -7,7 +7,7 @@ Where the decoder's skip features come from is the subject of chapter 06:
 - ``skip="pre"``: the encoder's features at level i are saved *before* downsampling
   (full resolution r_i). The decoder concatenates them after upsampling back to r_i:
   the standard U-Net, which carries fine detail past the bottleneck.
-- ``skip="post"``: saved *after* downsampling (resolution r_i / 2), as the seed
+- ``skip="post"``: saved *after* downsampling (resolution r_i / 2), as the original
   tutorial did. To keep the parameter count identical, they are brought back to
   r_i by nearest-neighbour repetition before concatenation, so every 2x2 block of
   the skip is constant: half the resolution's detail never reaches the decoder.

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import colab_setup  # noqa: E402
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CHAPTERS = ["01_forward_process", "02_time_embeddings", "03_unet", "04_training", "05_sampling",
             "06_skip_connection_ablation"]
@@ -30,12 +34,14 @@ def test_every_chapter_exists_and_is_in_the_toc():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_colab_setup_cell_matches_config(path):
+    """The first code cell is the shared set-up cell of tools/colab_setup.py, which installs
+    from repository.url (tests/test_colab.py checks that text and runs it in a simulated Colab)."""
     nb = load(path)
-    setup = "".join(nb["cells"][1]["source"])
-    assert 'if "google.colab" in sys.modules:' in setup
-    urls = re.findall(r'REPO_URL = "([^"]+)"', setup)
-    assert urls == [repo_url()], f"{path.name} installs from {urls}, _config.yml says {repo_url()}"
-    assert "torch" not in setup.split("sys.modules:")[1], "the Colab cell must not (re)install torch"
+    setup = "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"])
+    assert setup == colab_setup.setup_cell_source(), (
+        f"{path.name}: the set-up cell is not the shared one; run "
+        "python tools/colab_setup.py --write notebooks/*.ipynb")
+    assert f'"git+{repo_url()}@' in setup
     assert nb["metadata"].get("accelerator") == "GPU" and nb["metadata"]["colab"]["gpuType"] == "T4"
 
 
