@@ -20,16 +20,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e ".[book,test]"
 	touch $@
 
-book: $(VENV)/.installed
+# The in-browser demo's runtime: onnxruntime-web at the version package-lock.json pins, into
+# node_modules/ (ignored by git); the book build copies the few files it needs into the site
+# (book/demo/ddpm_demo.py). Without npm the book still builds and the "Try it" page says why.
+node_modules/.package-lock.json: package.json package-lock.json
+	@if command -v npm >/dev/null 2>&1; then npm ci --ignore-scripts --no-audit --no-fund; \
+	else echo "npm not found: the book is built without its in-browser demo (book/try_it.md)"; fi
+
+book: $(VENV)/.installed node_modules/.package-lock.json
 	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
 	@echo "Book built: open _build/html/index.html"
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed node_modules/.package-lock.json
 	DDPM_QUICK=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --nbmake --nbmake-timeout=900 \
 		--durations=15 tests notebooks
 
 test-fast: $(VENV)/.installed
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) -m "not book and not browser" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) -m "not book and not browser and not colab" tests
 
 # Execute every chapter in its full preset (cpu or gpu by hardware) and keep the outputs.
 notebooks-full: $(VENV)/.installed
