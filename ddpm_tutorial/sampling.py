@@ -267,5 +267,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     """
     if a.shape != b.shape:
         raise ValueError(f"slerp needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    theta = torch.arccos((a * b).sum() / (a.norm() * b.norm())).clamp(min=1e-6)
+    cos = ((a * b).sum() / (a.norm() * b.norm())).clamp(-1.0, 1.0)   # rounding can push it past 1
+    theta = torch.arccos(cos).clamp(min=1e-6)
     return (torch.sin((1 - w) * theta) * a + torch.sin(w * theta) * b) / torch.sin(theta)

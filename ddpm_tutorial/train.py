@@ -140,9 +140,9 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             per_sample = loss_simple(self.model, self.schedule, x0, t, eps, reduction="none", y=y)
         loss = per_sample.mean()
+        self.record(loss, t, per_sample)                 # refuses a NaN loss before it reaches the weights
         self.gradient_step(loss)                         # line 5: a gradient step on the loss
         self.ema.update_parameters(self.model)
-        self.record(loss, t, per_sample)
         self.step += 1
         return self.history.loss[-1]
 

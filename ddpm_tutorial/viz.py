@@ -40,13 +40,13 @@ def show_grid(images: torch.Tensor, nrow: int | None = None, title: str | None =
 def glue(name: str, value, display: bool = False):
     """Record ``value`` under ``name`` for the book's prose (myst-nb's ``glue``: the markdown
     writes {glue:text}`name` and shows the number this run computed, never a typed one).
-    Where myst-nb is not installed (Colab) nothing is recorded. Returns ``value``."""
+    Where myst-nb is not installed (Colab) nothing is recorded. Returns None, so a cell that
+    ends with it does not print the value a second time."""
     try:
         from myst_nb import glue as myst_glue
     except ImportError:
-        return value
+        return
     myst_glue(name, value, display=display)
-    return value
 
 
 def check_image_extension(path) -> None:

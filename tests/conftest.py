@@ -1,7 +1,9 @@
-"""Shared fixtures. The book is built once per test run, into _build/ (where the README's
-`make book` writes too), by whichever xdist worker asks first; the other waits and reuses it."""
+"""Shared fixtures: tiny configs and data, the oracle denoisers the sampler tests use, and the
+book build. The book is built once per test run, into _build/ (where the README's `make book`
+writes too), by whichever xdist worker asks first; the other waits and reuses it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from filelock import FileLock
+from torch import nn
+
+from ddpm_tutorial.config import DiffusionConfig, ModelConfig, Preset, TrainConfig, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +31,113 @@ def pytest_configure(config):
                    "slow: takes more than a few seconds"):
         config.addinivalue_line("markers", marker)
 
+
+# --- small models, data and presets ------------------------------------------------------
+
+TINY = ModelConfig(image_size=8, base_channels=8, channel_mults=(1, 2), groups=4)
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    """A U-Net for 8x8 images with two levels: builds and runs in milliseconds."""
+    return TINY
+
+
+def random_images(n: int = 32, size: int = 8, seed: int = 0) -> torch.Tensor:
+    """n images (n, 1, size, size) uniform in [-1, 1], seeded."""
+    return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.fixture
+def tiny_images():
+    """Factory: ``tiny_images(n=32, size=8, seed=0)`` -> (n, 1, size, size) in [-1, 1]."""
+    return random_images
+
+
+def small_preset(model: ModelConfig = TINY, T: int = 100, **train) -> Preset:
+    """The quick preset with a tiny model, a short diffusion and a few-step training recipe
+    (``train`` overrides TrainConfig fields): what ``build_trainer`` tests train."""
+    recipe = dict(steps=4, batch_size=8, warmup_steps=2, num_t_buckets=5, ema_decay=0.9)
+    recipe.update(train)
+    return dataclasses.replace(get_preset("quick"), model=model, diffusion=DiffusionConfig(T=T),
+                               train=TrainConfig(**recipe))
+
+
+@pytest.fixture
+def make_preset():
+    """Factory: ``make_preset(model=TINY, T=100, **train_fields)`` -> a frozen Preset."""
+    return small_preset
+
+
+# --- oracle denoisers --------------------------------------------------------------------
+
+class _EpsModel(nn.Module):
+    """What the samplers need of a model besides forward: a ``config`` (image shape) and a
+    parameter (to find the device)."""
+
+    def __init__(self, image_size: int, channels: int = 1):
+        super().__init__()
+        self.config = ModelConfig(image_size=image_size, in_channels=channels, base_channels=8,
+                                  channel_mults=(1,), groups=4)
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+
+class OracleEps(_EpsModel):
+    """eps_theta that knows the one data point x_0:
+
+        eps(x_t, t) = (x_t - sqrt(bar-alpha_t) x_0) / sqrt(1 - bar-alpha_t)
+
+    With it, every exact sampler must return x_0 itself, and L_simple is 0."""
+
+    def __init__(self, schedule, x0: torch.Tensor):
+        super().__init__(x0.shape[-1], x0.shape[1])
+        self.schedule, self.x0 = schedule, x0
+
+    def forward(self, xt, t):
+        s = self.schedule
+        return ((xt - s.sqrt_alpha_bar[t].reshape(-1, 1, 1, 1) * self.x0)
+                / s.sqrt_one_minus_alpha_bar[t].reshape(-1, 1, 1, 1))
+
+
+class GaussianDataEps(_EpsModel):
+    """The exact eps-prediction when the data is Gaussian, x_0 ~ N(m, s^2 I) per pixel:
+
+        eps(x_t, t) = E[eps | x_t] = sqrt(1 - ab_t) (x_t - sqrt(ab_t) m) / (ab_t s^2 + 1 - ab_t)
+
+    computed in float64 from ``alpha_bar`` (float64, (T,)) and returned in x's dtype. Unlike
+    :class:`OracleEps` its hat-x_0 changes along the chain, so a second-order solver's
+    correction matters. Its probability-flow ODE is known in closed form: the standardised
+    value w = (x_t - sqrt(ab_t) m) / sqrt(ab_t s^2 + 1 - ab_t) stays constant, so the ODE
+    maps x_T to x_0 = m + s w (:meth:`ode_solution`). ``t`` may be (B,) or a 0-dim tensor."""
+
+    def __init__(self, alpha_bar: torch.Tensor, m: torch.Tensor, s: float):
+        super().__init__(m.shape[-1], m.shape[1])
+        self.alpha_bar, self.m, self.s = alpha_bar.double(), m.double(), float(s)
+
+    def forward(self, xt, t):
+        ab = self.alpha_bar[t.reshape(-1).long().cpu()].reshape(-1, 1, 1, 1)
+        eps = (1 - ab).sqrt() * (xt.double() - ab.sqrt() * self.m) / (ab * self.s ** 2 + 1 - ab)
+        return eps.to(xt.dtype)
+
+    def ode_solution(self, x_T: torch.Tensor) -> torch.Tensor:
+        ab = self.alpha_bar[-1]
+        w = (x_T.double() - ab.sqrt() * self.m) / (ab * self.s ** 2 + 1 - ab).sqrt()
+        return self.m + self.s * w
+
+
+@pytest.fixture
+def oracle():
+    """Factory: ``oracle(schedule, x0)`` -> the denoiser that knows x_0 (:class:`OracleEps`)."""
+    return OracleEps
+
+
+@pytest.fixture
+def gaussian_eps():
+    """Factory: ``gaussian_eps(alpha_bar, m, s)`` -> :class:`GaussianDataEps`."""
+    return GaussianDataEps
+
+
+# --- the book ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def book_build(request):

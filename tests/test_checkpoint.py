@@ -1,13 +1,16 @@
 """Checkpoints: round trip, exact resume, atomic writes, and safe loading of bad files."""
 import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 import ddpm_tutorial.checkpoint as checkpoint
-from ddpm_tutorial.checkpoint import (CheckpointError, load_checkpoint, load_weights,
-                                      model_from_checkpoint, save_checkpoint)
+from ddpm_tutorial.checkpoint import (RETIRED_TRAIN_FIELDS, CheckpointError, chapter_model, check_output_path,
+                                      configs_from_checkpoint, export_for_sampling, load_checkpoint,
+                                      load_checkpoint_dict, load_weights, model_from_checkpoint,
+                                      reader_checkpoint_path, save_checkpoint, shipped_checkpoint_path)
 from ddpm_tutorial.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_tutorial.train import Trainer
 from ddpm_tutorial.unet import UNet
@@ -20,7 +23,7 @@ DATA = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 -
 
 def make_trainer(init_seed=0, model_cfg=CFG, diffusion=DIFF):
     torch.manual_seed(init_seed)
-    return Trainer(UNet(model_cfg), DATA, TRAIN, diffusion, device="cpu")
+    return Trainer(UNet(model_cfg, T=diffusion.T), DATA, TRAIN, diffusion, device="cpu")
 
 
 def _probe(cfg=CFG):
@@ -143,14 +146,18 @@ def test_truncated_missing_and_foreign_files(trained, tmp_path):
                                               r"`python -m ddpm_tutorial train --out PATH`"):
         load_checkpoint(tmp_path / "nope.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match=r"lacks the keys .* it has \['weights'\]"):
+    with pytest.raises(CheckpointError, match=r"foreign.pt is not a ddpm_tutorial checkpoint \(format None, "
+                                              r"expected 'ddpm_tutorial/1'\)"):
         load_checkpoint(tmp_path / "foreign.pt")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
-    with pytest.raises(CheckpointError, match="it has Tensor"):
+    with pytest.raises(CheckpointError, match=r"not a ddpm_tutorial checkpoint \(format 'Tensor'"):
         load_checkpoint(tmp_path / "tensor.pt")
     torch.save({"format": "other/9", "config": {}, "step": 0, "ema": {}}, tmp_path / "fmt.pt")
-    with pytest.raises(CheckpointError, match="has format 'other/9', expected 'ddpm_tutorial/1'"):
+    with pytest.raises(CheckpointError, match="format 'other/9', expected 'ddpm_tutorial/1'"):
         load_checkpoint(tmp_path / "fmt.pt")
+    torch.save({"format": "ddpm_tutorial/1", "weights": torch.zeros(3)}, tmp_path / "keys.pt")
+    with pytest.raises(CheckpointError, match=r"lacks the keys .* it has \['format', 'weights'\]"):
+        load_checkpoint(tmp_path / "keys.pt")
     ckpt = load_checkpoint(path)
     ckpt["config"]["model"]["depth"] = 3                                 # from a future version
     with pytest.raises(CheckpointError, match="does not fit this version's dataclasses"):
@@ -166,3 +173,116 @@ def test_loading_into_a_different_config_names_the_mismatch(trained):
         load_weights(wider, ckpt["ema"], "ema")
     with pytest.raises(CheckpointError, match="different ModelConfig"):
         load_weights(UNet(dataclasses.replace(CFG, attention=True)), ckpt["ema"], "ema")
+
+
+def test_first_edition_checkpoints_still_load(trained, tmp_path):
+    """Checkpoints written before the refactor hold skip=None and the retired bf16 /
+    channels_last train fields: they load, with skip normalised to "none"."""
+    _, path = trained
+    ckpt = load_checkpoint(path)
+    ckpt["config"]["model"]["skip"] = None
+    ckpt["config"]["train"].update({name: False for name in RETIRED_TRAIN_FIELDS})
+    model_cfg, _, train_cfg = configs_from_checkpoint(ckpt)
+    assert model_cfg.skip == "none" and train_cfg == TRAIN
+    assert RETIRED_TRAIN_FIELDS == ("bf16", "channels_last")
+    with pytest.raises(CheckpointError, match="does not fit this version's dataclasses"):
+        ckpt["config"]["train"]["fp8"] = True                      # an unknown field is not silently dropped
+        configs_from_checkpoint(ckpt)
+
+
+def test_shipped_checkpoint_rebuilds_its_model():
+    model, schedule, ckpt = model_from_checkpoint()                # None: the shipped one
+    assert shipped_checkpoint_path().is_file()
+    assert "optimizer" not in ckpt and "model" not in ckpt         # exported: EMA weights only
+    assert model.config == ModelConfig(**ckpt["config"]["model"]) and schedule.T == model.T == 1000
+    assert shipped_checkpoint_path().stat().st_size < 5 * 1024 ** 2
+
+
+# --- writing: check the path before the long work -----------------------------------------------
+
+def test_check_output_path(tmp_path):
+    out = check_output_path(tmp_path / "new" / "deeper" / "model.pt")
+    assert out == tmp_path / "new" / "deeper" / "model.pt" and out.parent.is_dir() and not out.exists()
+    assert os.listdir(out.parent) == []                            # the write probe left nothing
+    with pytest.raises(ValueError, match=r"is a folder; give a file path such as .*model.pt"):
+        check_output_path(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"cannot write .*afile/model.pt: .*afile is a file, not a folder"):
+        check_output_path(tmp_path / "afile" / "model.pt")
+    existing = tmp_path / "old.pt"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(ValueError, match="already exists; pass --force to overwrite it, --resume"):
+        check_output_path(existing)
+    assert check_output_path(existing, overwrite=True) == existing and existing.read_bytes() == b"keep me"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write into read-only folders")
+def test_check_output_path_unwritable_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(OSError):
+            check_output_path(locked / "model.pt")
+    finally:
+        locked.chmod(0o700)
+
+
+# --- export for sampling ------------------------------------------------------------------------
+
+def test_export_for_sampling_round_trip(trained, tmp_path):
+    trainer, path = trained
+    dest, size = export_for_sampling(path, tmp_path / "small" / "ship.pt")
+    assert dest == tmp_path / "small" / "ship.pt" and size == dest.stat().st_size < path.stat().st_size
+    small = load_checkpoint(dest)
+    assert set(small) == {"format", "config", "step", "ema", "history"}     # no optimiser, no raw weights
+    assert small["step"] == 2 and small["history"]["loss"] == trainer.history.loss
+    model, schedule, _ = model_from_checkpoint(dest)
+    x, t = _probe()
+    with torch.no_grad():
+        assert torch.equal(model(x, t), trainer.ema.module.eval()(x, t))
+    assert schedule.T == DIFF.T
+    with pytest.raises(ValueError, match="holds no optimiser state"):
+        make_trainer().resume(dest)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        export_for_sampling(tmp_path / "missing.pt", tmp_path / "x.pt")
+
+
+def test_load_checkpoint_dict_reads_any_ddpm_tutorial_file(tmp_path):
+    """The ablation cache is a ddpm_tutorial file without a model: the dict reader takes it,
+    the checkpoint reader asks for its keys."""
+    path = save_checkpoint(tmp_path / "cache.pt", {"key": {"a": [1, 2]}, "results": []})
+    assert load_checkpoint_dict(path)["key"] == {"a": [1, 2]}
+    with pytest.raises(CheckpointError, match="lacks the keys"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        load_checkpoint_dict(tmp_path)
+
+
+# --- the model later chapters sample from ----------------------------------------------------------
+
+def test_reader_checkpoint_path():
+    assert reader_checkpoint_path("cpu") == Path("runs") / "04_training_cpu.pt"
+    assert reader_checkpoint_path("quick") != reader_checkpoint_path("gpu")
+
+
+def test_chapter_model_falls_back_to_the_shipped_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                                    # no runs/ here
+    model, schedule, ckpt, source = chapter_model("cpu")
+    shipped = load_checkpoint(shipped_checkpoint_path())
+    assert ckpt["step"] == shipped["step"] and "shipped with the package" in source
+    assert shipped_checkpoint_path().name in source and f"({shipped['step']} steps" in source
+    assert all(torch.equal(a, shipped["ema"][k]) for k, a in model.state_dict().items())
+    assert not model.training and schedule.T == 1000
+
+
+def test_chapter_model_prefers_the_readers_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = make_trainer()
+    trainer.fit(steps=2, progress=False)
+    trainer.save(reader_checkpoint_path("quick"))                  # what chapter 04 writes
+    model, schedule, ckpt, source = chapter_model("quick")
+    assert ckpt["step"] == 2 and model.config == CFG and schedule.T == DIFF.T
+    assert source.startswith(f"your chapter-04 checkpoint {reader_checkpoint_path('quick')} (2 steps, preset 'quick')")
+    # another preset's reader checkpoint does not count
+    assert "shipped" in chapter_model("cpu")[3]

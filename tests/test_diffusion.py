@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from ddpm_tutorial.diffusion import (eps_posterior_mean, loss_simple, p_sample, predict_x0_from_eps,
-                                     q_posterior, q_sample, q_step)
+from ddpm_tutorial.diffusion import (RANGE_TOL, check_images, eps_posterior_mean, loss_simple, p_sample,
+                                     predict_x0_from_eps, q_posterior, q_sample, q_step)
 from ddpm_tutorial.schedules import make_schedule
 
 SCHEDULE = make_schedule("linear")           # the paper's: T = 1000, 1e-4 .. 0.02
@@ -82,23 +82,10 @@ def test_q_sample_values_by_hand():
     assert torch.allclose(xt, torch.full_like(xt, expected), atol=1e-6)
 
 
-class OracleEps(torch.nn.Module):
-    """eps_theta that knows x_0: (x_t - sqrt(bar-alpha_t) x_0) / sqrt(1 - bar-alpha_t)."""
-
-    def __init__(self, schedule, x0):
-        super().__init__()
-        self.schedule, self.x0 = schedule, x0
-
-    def forward(self, xt, t):
-        s = self.schedule
-        return ((xt - s.sqrt_alpha_bar[t].reshape(-1, 1, 1, 1) * self.x0)
-                / s.sqrt_one_minus_alpha_bar[t].reshape(-1, 1, 1, 1))
-
-
-def test_loss_simple():
+def test_loss_simple(oracle):
     x0, eps = _batch(B=4)
     t = torch.tensor([0, 10, 500, 999])
-    loss = loss_simple(OracleEps(SCHEDULE, x0), SCHEDULE, x0, t, eps)
+    loss = loss_simple(oracle(SCHEDULE, x0), SCHEDULE, x0, t, eps)
     assert loss.ndim == 0 and loss.item() < 1e-6                    # the perfect denoiser
     zero = lambda xt, t: torch.zeros_like(xt)
     per = loss_simple(zero, SCHEDULE, x0, t, eps, reduction="none")
@@ -169,3 +156,27 @@ def test_bad_inputs():
         p_sample(SCHEDULE, x0, t, eps[:1])
     with pytest.raises(ValueError, match="x_prev and eps must have the same shape"):
         q_step(SCHEDULE, x0, t, eps[:1])
+
+
+def test_check_images_is_the_one_image_check():
+    """One check_images for the math, the trainer and the metric: each option refuses what it names."""
+    from ddpm_tutorial import metrics, train
+    assert train.check_images is check_images
+    x = torch.zeros(3, 1, 8, 8)
+    check_images(x, "x", shape=(1, 8, 8), in_range=True, min_count=3)          # passes
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 1, 4, 4\), got \(3, 1, 8, 8\)"):
+        check_images(x, "images", shape=(1, 4, 4))
+    with pytest.raises(ValueError, match="images: need at least 4 images, got 3"):
+        check_images(x, "images", min_count=4)
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[1, 0, 2, 2] = bad
+        with pytest.raises(ValueError, match="images contain NaN or inf"):
+            check_images(y, "images", in_range=True)
+        check_images(y, "images")                        # range not asked for: not looked at
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 1\], got values in \[-1, 1.5\]; clamp"):
+        check_images(torch.cat([x - 1, x + 1.5]), "images", in_range=True)
+    check_images(x + 1 + 0.5 * RANGE_TOL, "images", in_range=True)              # float rounding is fine
+    # the metric's check is this one, with the metric's shape and count
+    with pytest.raises(ValueError, match=r"samples must have shape \(B, 1, 28, 28\)"):
+        metrics.check_images(x)

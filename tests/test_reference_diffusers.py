@@ -111,3 +111,100 @@ def test_cosine_schedule_matches_squaredcos_cap_v2():
     assert ours.beta[-1].item() == pytest.approx(0.999) and ref.betas[-1].item() == pytest.approx(0.999)
     # and it is really a different schedule from the linear one
     assert (ours.alpha_bar - make_schedule("linear").alpha_bar).abs().max() > 0.1
+
+
+# --- DPM-Solver++(2M) against diffusers' DPMSolverMultistepScheduler -------------------------
+#
+# How diffusers' scheduler is aligned with ours (read from scheduling_dpmsolver_multistep.py, 0.42):
+# - timesteps: its default "linspace" spacing drops t = 0 and jumps from its last timestep
+#   straight to sigma = 0; ours (ddim_timesteps) ends with a network call at t = 0. So we pass
+#   our sub-sequence as custom ``timesteps=``: its sigmas are then sqrt((1 - ab_t) / ab_t) at
+#   exactly those integer steps, with sigma = 0 (the clean image) appended.
+# - final step: with final_sigmas_type="zero" its last step is first order (lower_order_final),
+#   x_0 = hat-x_0, as in our dpmpp_2m_step at s = None; its first step is first order too
+#   (no previous output), as ours.
+# - precision: ``step`` casts the sample to float32 and set_timesteps stores sigmas as float32.
+#   For the float64 comparison we therefore drive the scheduler's own conversion and update
+#   functions (convert_model_output, dpm_solver_first_order_update,
+#   multistep_dpm_solver_second_order_update) with float64 sigmas and the same order choice as
+#   ``step``; the shipped ``step`` is compared as is, in float32, separately.
+
+from diffusers import DPMSolverMultistepScheduler  # noqa: E402
+
+from ddpm_tutorial.sampling import ddim_timesteps, sample  # noqa: E402
+from ddpm_tutorial.schedules import NoiseSchedule  # noqa: E402
+
+
+def dpm_reference() -> DPMSolverMultistepScheduler:
+    return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                                       beta_end=0.02, algorithm_type="dpmsolver++", solver_order=2,
+                                       solver_type="midpoint", prediction_type="epsilon",
+                                       final_sigmas_type="zero", lower_order_final=True, thresholding=False)
+
+
+def float64_schedule(T: int = 1000) -> NoiseSchedule:
+    """Our linear schedule with every buffer kept in float64 (the package stores float32)."""
+    beta = linear_betas(T, 1e-4, 0.02)
+    alpha = 1 - beta
+    ab = torch.cumprod(alpha, 0)
+    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+    return NoiseSchedule(beta=beta, alpha=alpha, alpha_bar=ab, alpha_bar_prev=ab_prev, sqrt_alpha_bar=ab.sqrt(),
+                         sqrt_one_minus_alpha_bar=(1 - ab).sqrt(), beta_tilde=(1 - ab_prev) / (1 - ab) * beta,
+                         posterior_mean_coef_x0=ab_prev.sqrt() * beta / (1 - ab),
+                         posterior_mean_coef_xt=alpha.sqrt() * (1 - ab_prev) / (1 - ab))
+
+
+def _gaussian_net(gaussian_eps, alpha_bar):
+    return gaussian_eps(alpha_bar, torch.linspace(-0.6, 0.6, 64).reshape(1, 1, 8, 8), 0.3)
+
+
+def _x_T(dtype):
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+@pytest.mark.parametrize("steps", [3, 10, 25])
+def test_dpmpp_2m_matches_diffusers_float64(gaussian_eps, steps):
+    schedule = float64_schedule()
+    net = _gaussian_net(gaussian_eps, schedule.alpha_bar)
+    taus = ddim_timesteps(1000, steps)
+
+    ref = dpm_reference()
+    ref.alphas_cumprod = schedule.alpha_bar
+    ref.set_timesteps(timesteps=taus)
+    assert ref.timesteps.tolist() == taus                       # the same sub-sequence, t = 0 included
+    ab = schedule.alpha_bar[taus]
+    ref.sigmas = torch.cat([((1 - ab) / ab).sqrt(), ab.new_zeros(1)])    # float64, sigma = 0 last
+    x = _x_T(torch.float64)
+    for i, t in enumerate(ref.timesteps):
+        ref._step_index = i
+        eps = net(x, t).float().double()          # our loop rounds the network output to float32 too
+        m = ref.convert_model_output(eps, sample=x)
+        ref.model_outputs = [ref.model_outputs[-1], m]
+        first_order = i == 0 or i == len(taus) - 1           # `step`'s choice for solver_order=2
+        x = (ref.dpm_solver_first_order_update(m, sample=x) if first_order
+             else ref.multistep_dpm_solver_second_order_update(ref.model_outputs, sample=x))
+
+    ours = sample(net, schedule, "dpm++2m", n=SHAPE[0], steps=steps, x_T=_x_T(torch.float64), progress=False)
+    assert ours.raw.dtype == torch.float64
+    torch.testing.assert_close(ours.raw, x, atol=1e-9, rtol=0)
+    # and it is not DDIM: the second-order correction is what was compared
+    if steps > 2:
+        ddim = sample(net, schedule, "ddim", n=SHAPE[0], steps=steps, x_T=_x_T(torch.float64), progress=False)
+        assert (ddim.raw - x).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("steps", [3, 10, 25])
+def test_dpmpp_2m_matches_diffusers_step_as_shipped(gaussian_eps, steps):
+    """diffusers' own ``step`` loop (float32, its float32 schedule) against ours (float32 buffers
+    computed in float64): the same algorithm up to float32 rounding of the schedule (measured
+    up to 6e-5 with 3 steps, where hat-x_0 at t = 999 amplifies it by 1/sqrt(ab) = 157)."""
+    net = _gaussian_net(gaussian_eps, torch.cumprod(1 - linear_betas(), 0))
+    taus = ddim_timesteps(1000, steps)
+    ref = dpm_reference()
+    ref.set_timesteps(timesteps=taus)
+    x = _x_T(torch.float32)
+    for t in ref.timesteps:
+        x = ref.step(net(x, t), t, x).prev_sample
+    ours = sample(net, make_schedule("linear"), "dpm++2m", n=SHAPE[0], steps=steps, x_T=_x_T(torch.float32),
+                  progress=False)
+    torch.testing.assert_close(ours.raw, x, atol=2e-4, rtol=0)

@@ -131,20 +131,57 @@ def test_extract_broadcast_shape_and_values():
     assert extract(a, t.int(), (3, 1, 2, 2)).flatten().tolist() == [30.0, 0.0, 90.0]
 
 
-def test_extract_and_timestep_errors():
+def test_extract_checks_only_the_batch_shape():
     a = torch.zeros(10)
-    with pytest.raises(TypeError, match="integer timesteps"):
-        extract(a, torch.tensor([1.0, 2.0]), (2, 1, 4, 4))
-    with pytest.raises(TypeError, match="must be a torch.Tensor"):
-        extract(a, [1, 2], (2, 1, 4, 4))
-    with pytest.raises(ValueError, match=r"t must have shape \(B,\), got \(2, 1\)"):
+    with pytest.raises(ValueError, match=r"t must have shape \(B,\) = \(2,\), got \(2, 1\)"):
         extract(a, torch.tensor([[1], [2]]), (2, 1, 4, 4))
-    with pytest.raises(ValueError, match="3 timesteps but the batch has 2 images"):
+    with pytest.raises(ValueError, match=r"t must have shape \(B,\) = \(2,\), got \(3,\)"):
         extract(a, torch.tensor([1, 2, 3]), (2, 1, 4, 4))
-    with pytest.raises(ValueError, match=r"must lie in \[0, 10\).*max 10"):
-        extract(a, torch.tensor([0, 10]), (2, 1, 4, 4))
+
+
+def test_extract_does_not_validate_or_sync(monkeypatch):
+    """extract runs several times per sampling step: no check_timesteps, no value read back
+    to the host (each is a device sync on CUDA). Entry points validate t once instead."""
+    import ddpm_tutorial.schedules as schedules
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("extract validated t (check_timesteps) or read a value back to the host")
+
+    a = torch.arange(10, dtype=torch.float32)
+    t = torch.tensor([3, 0, 9])
+    monkeypatch.setattr(schedules, "check_timesteps", forbidden)
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(torch, "aminmax", forbidden)
+    out = extract(a, t, (3, 1, 2, 2))
+    monkeypatch.undo()
+    assert out.flatten().tolist() == [3.0, 0.0, 9.0]
+
+
+def test_extract_out_of_range_still_fails_in_the_indexing(monkeypatch):
+    import ddpm_tutorial.schedules as schedules
+    calls = []
+    monkeypatch.setattr(schedules, "check_timesteps", lambda *a, **k: calls.append(a))
+    with pytest.raises(IndexError, match="out of bounds"):
+        extract(torch.zeros(10), torch.tensor([0, 10]), (2, 1, 4, 4))
+    assert calls == []
+
+
+def test_check_timesteps_errors():
+    with pytest.raises(TypeError, match=r"t must be a torch.Tensor of integer timesteps, got list"):
+        check_timesteps([1, 2], 10)
+    with pytest.raises(TypeError, match=r"t must hold integer timesteps \(torch.long\), got dtype torch.float32"):
+        check_timesteps(torch.tensor([1.0, 2.0]), 10)
+    with pytest.raises(ValueError, match=r"t must have shape \(B,\), got \(2, 1\)"):
+        check_timesteps(torch.tensor([[1], [2]]), 10)
+    with pytest.raises(ValueError, match="t has 3 timesteps but the batch has 2 images"):
+        check_timesteps(torch.tensor([1, 2, 3]), 10, batch=2)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 10\).*got min 0, max 10"):
+        check_timesteps(torch.tensor([0, 10]), 10)
     with pytest.raises(ValueError, match=r"must lie in \[0, 10\).*min -1"):
         check_timesteps(torch.tensor([-1, 3]), 10)
+    check_timesteps(torch.tensor([0, 9], dtype=torch.int32), 10, batch=2)     # valid: no error
+    check_timesteps(torch.zeros(0, dtype=torch.long), 10)                      # an empty batch
 
 
 def test_schedule_construction_errors():

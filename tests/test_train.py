@@ -1,28 +1,30 @@
-"""Training: learning works (overfit one batch), the loop's bookkeeping, EMA, lr schedule, errors."""
+"""Training: learning works (overfit one batch), train_step is Algorithm 1 and the previous
+implementation's arithmetic, the loop's bookkeeping, EMA, lr schedule, Ctrl-C, data checks."""
+import copy
+import dataclasses
 import math
+import types
 
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ddpm_tutorial.config import DiffusionConfig, ModelConfig, TrainConfig
+import ddpm_tutorial.train as train_module
+from ddpm_tutorial.checkpoint import load_checkpoint
+from ddpm_tutorial.config import ModelConfig
 from ddpm_tutorial.diffusion import loss_simple
-from ddpm_tutorial.schedules import make_schedule
-from ddpm_tutorial.train import History, Trainer, batch_indices, lr_factor, step_generator
+from ddpm_tutorial.schedules import linear_betas, make_schedule
+from ddpm_tutorial.train import (History, Trainer, batch_indices, build_trainer, check_training_data, lr_factor,
+                                 step_generator)
 from ddpm_tutorial.unet import UNet
 
-CFG = ModelConfig(image_size=8, base_channels=8, channel_mults=(1, 2), groups=4)
-DIFF = DiffusionConfig(T=100)
 
-
-def tiny_data(n=32, seed=0):
-    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-def make_trainer(data=None, init_seed=0, **train_kw):
-    kw = dict(steps=4, batch_size=8, warmup_steps=2, num_t_buckets=5, ema_decay=0.9)
-    kw.update(train_kw)
-    torch.manual_seed(init_seed)                       # weight initialisation
-    return Trainer(UNet(CFG), tiny_data() if data is None else data, TrainConfig(**kw), DIFF, device="cpu")
+@pytest.fixture
+def make_trainer(make_preset, tiny_images):
+    """``make_trainer(data=None, **train_fields)``: build_trainer on a tiny preset (T = 100), CPU."""
+    def make(data=None, **train):
+        return build_trainer(make_preset(**train), tiny_images() if data is None else data, device="cpu")
+    return make
 
 
 def test_overfit_one_batch():
@@ -49,15 +51,132 @@ def test_overfit_one_batch():
     assert losses[-1] < 0.3 * losses[0], f"L_simple only fell from {losses[0]:.3f} to {losses[-1]:.3f}"
 
 
-def test_fit_bookkeeping():
+# --- build_trainer ------------------------------------------------------------------------------
+
+def test_build_trainer_seeds_the_initialisation(make_preset, tiny_images):
+    data = tiny_images()
+    torch.manual_seed(123)
+    a = build_trainer(make_preset(seed=4), data, device="cpu")
+    torch.manual_seed(456)                                   # the global seed does not matter
+    b = build_trainer(make_preset(seed=4), data, device="cpu")
+    c = build_trainer(make_preset(seed=5), data, device="cpu")
+    for (name, wa), wb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(wa, wb), name
+    assert not torch.equal(a.model.conv_in.weight, c.model.conv_in.weight)
+    # the initialisation is torch's default init under manual_seed(train.seed)
+    torch.manual_seed(4)
+    reference = UNet(a.model.config, T=100)
+    assert all(torch.equal(x, y) for x, y in zip(reference.state_dict().values(), a.model.state_dict().values()))
+
+
+def test_build_trainer_leaves_the_global_rng_alone(make_preset, tiny_images):
+    data = tiny_images()
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
+    build_trainer(make_preset(seed=4), data, device="cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_build_trainer_uses_the_presets_configs(make_preset, tiny_images):
+    preset = make_preset(steps=3)
+    trainer = build_trainer(preset, tiny_images(), device="cpu")
+    assert trainer.model.config == preset.model and trainer.cfg == preset.train
+    assert trainer.diffusion_cfg == preset.diffusion and trainer.schedule.T == 100 and trainer.model.T == 100
+    # model= / train= replace them (the ablation's variants)
+    post = dataclasses.replace(preset.model, skip="post")
+    other = build_trainer(preset, tiny_images(), device="cpu", model=post,
+                          train=dataclasses.replace(preset.train, seed=9, steps=2))
+    assert other.model.config == post and other.cfg.seed == 9 and other.cfg.steps == 2
+    assert trainer.device == torch.device("cpu")
+
+
+# --- train_step is Algorithm 1 -------------------------------------------------------------------
+
+def test_train_step_is_algorithm_1_by_hand(make_trainer):
+    """Lines 2-5 of Algorithm 1 written out: the batch, t and eps from the (seed, step) generators,
+    x_t by Eq. 4 with a float64 schedule, L_simple = mean ||eps - eps_theta(x_t, t)||^2."""
+    trainer = make_trainer(seed=3, batch_size=8)
+    before = copy.deepcopy(trainer.model)
+    data, T = trainer.data, 100
+
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 0)                        # step 0 of seed 3
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(3 * 7919 + 0))
+    x0 = data[order[:8]]                                                         # line 2
+    t = torch.randint(0, T, (8,), generator=g)                                   # line 3
+    eps = torch.randn(x0.shape, generator=g)                                     # line 4
+    alpha_bar = torch.cumprod(1 - linear_betas(T), 0)[t].reshape(-1, 1, 1, 1)
+    xt = (alpha_bar.sqrt() * x0.double() + (1 - alpha_bar).sqrt() * eps.double()).float()
+    with torch.no_grad():
+        expected = (eps - before.train()(xt, t)).pow(2).mean().item()           # line 5's loss
+
+    loss = trainer.train_step()
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert trainer.history.loss == [loss] and trainer.step == 1
+    assert not torch.equal(before.conv_in.weight, trainer.model.conv_in.weight)  # a gradient step was taken
+
+
+def test_draw_batch_is_seeded_by_seed_and_step(make_trainer):
+    trainer = make_trainer(seed=2)
+    x0, t, eps, y = trainer.draw_batch()
+    again = trainer.draw_batch()
+    assert all(torch.equal(a, b) for a, b in zip((x0, t, eps), again[:3]))    # a function of (seed, step)
+    assert y is None and again[3] is None                                      # an unconditional model
+    assert x0.shape == (8, 1, 8, 8) and t.shape == (8,) and t.dtype == torch.long and eps.shape == x0.shape
+    assert 0 <= t.min() and t.max() < 100
+    trainer.step = 1
+    assert not torch.equal(trainer.draw_batch()[1], t)
+
+
+def _previous_implementation_steps(model, data, cfg, schedule, steps):
+    """The first edition's Trainer.train_step on the CPU (fp32, no autocast, GradScaler disabled),
+    copied from git history (5967c1b) without its bookkeeping: Adam with the warm-up / decay factor,
+    gradient clipping, then the EMA update. Returns the losses."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+    losses = []
+    for step in range(steps):
+        g = step_generator(cfg.seed, step)
+        x0 = data[batch_indices(len(data), cfg.batch_size, cfg.seed, step)]
+        t = torch.randint(0, schedule.T, (x0.shape[0],), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg)
+        model.train()
+        loss = loss_simple(model, schedule, x0, t, eps, reduction="none").mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        ema.update_parameters(model)
+        losses.append(loss.item())
+    return losses, ema
+
+
+def test_training_steps_match_the_previous_implementation_exactly(make_trainer):
+    trainer = make_trainer(lr=1e-3, warmup_steps=2, lr_decay="cosine", steps=5, grad_clip=0.5)
+    model = copy.deepcopy(trainer.model)
+    losses, ema = _previous_implementation_steps(model, trainer.data, trainer.cfg, trainer.schedule, 5)
+    trainer.fit(progress=False)
+    assert trainer.history.loss == losses                                      # bit for bit
+    for (name, a), b in zip(trainer.model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(trainer.ema.module.state_dict().items(), ema.module.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+# --- the loop's bookkeeping ---------------------------------------------------------------------
+
+def test_fit_bookkeeping(make_trainer, monkeypatch):
+    clock = iter([10.0, 12.5, 20.0, 21.0])       # fit reads the clock once at its start and once at its end
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     trainer = make_trainer()
     hist = trainer.fit(progress=False)
     assert trainer.step == 4 and len(hist.loss) == 4
     assert all(math.isfinite(v) and v > 0 for v in hist.loss)
     assert sum(hist.t_bucket_count) == 4 * 8
-    assert hist.seconds > 0
+    assert hist.seconds == 2.5
     # recompute each step's t from its (seed, step) generator, independently of the trainer
-    K, T, expected = 5, DIFF.T, [0] * 5
+    K, T, expected = 5, 100, [0] * 5
     for step in range(4):
         t = torch.randint(0, T, (8,), generator=step_generator(0, step))
         for b in (t * K // T).tolist():
@@ -66,29 +185,27 @@ def test_fit_bookkeeping():
     means = hist.bucket_means()
     assert all((c == 0) == math.isnan(m) for c, m in zip(hist.t_bucket_count, means))
     assert sum(hist.t_bucket_sum) == pytest.approx(sum(hist.loss) * 8, rel=1e-5)
-    # fit continues up to a total, not by a count
+    # fit continues up to a total, not by a count, and its time adds up
     trainer.fit(steps=6, progress=False)
-    assert trainer.step == 6 and len(hist.loss) == 6
+    assert trainer.step == 6 and len(hist.loss) == 6 and hist.seconds == 3.5
 
 
-def test_same_seed_same_run():
+def test_same_seed_same_run(make_trainer):
     a = make_trainer().fit(progress=False).loss
     b = make_trainer().fit(progress=False).loss
     assert a == b
-    c = make_trainer(seed=1).fit(progress=False).loss        # same weights, another batch order / t / eps
+    c = make_trainer(seed=1).fit(progress=False).loss        # another init, batch order, t and eps
     assert c != a
-    d = make_trainer(init_seed=1).fit(progress=False).loss   # same batches, other initial weights
-    assert d != a
 
 
-def test_lr_is_set_from_schedule():
+def test_lr_is_set_from_schedule(make_trainer):
     trainer = make_trainer(lr=1e-3, warmup_steps=4, steps=10, lr_decay="cosine")
     for step in range(3):
         trainer.train_step()
         assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * (step + 1) / 4)
 
 
-def test_ema_follows_the_model():
+def test_ema_follows_the_model(make_trainer):
     trainer = make_trainer(ema_decay=0.5)
     name = "conv_in.weight"
     trainer.train_step()
@@ -100,25 +217,117 @@ def test_ema_follows_the_model():
     assert not torch.equal(w1, w2)
 
 
-def test_nan_loss_stops_with_the_step(monkeypatch):
+def test_nan_loss_stops_before_the_weights_change(make_trainer, monkeypatch):
+    """A NaN loss (a diverged network) stops training at that step, before its gradient step:
+    weights, EMA and history stay those of the last good step, so the run can still be saved."""
     trainer = make_trainer()
     trainer.fit(steps=2, progress=False)
-    monkeypatch.setattr(trainer.model, "forward", lambda x, t: torch.full_like(x, float("nan")))
+    weights = copy.deepcopy(trainer.model.state_dict())
+    ema = copy.deepcopy(trainer.ema.module.state_dict())
+    forward = trainer.model.forward
+    monkeypatch.setattr(trainer.model, "forward", lambda *args: forward(*args) * float("nan"))  # still has a grad
     with pytest.raises(FloatingPointError, match=r"training loss became nan at step 2; lower the learning rate"):
         trainer.fit(progress=False)
     assert trainer.step == 2 and len(trainer.history.loss) == 2
+    changed = [n for n, w in trainer.model.state_dict().items() if not torch.equal(w, weights[n])]
+    changed += [f"ema {n}" for n, w in trainer.ema.module.state_dict().items() if not torch.equal(w, ema[n])]
+    assert not changed, f"the NaN step changed the weights (now NaN?): {changed[:4]} and {len(changed) - 4} more"
 
 
-def test_bad_training_data():
-    with pytest.raises(ValueError, match=r"must be scaled to \[-1, 1\], got range \[0.000, 255.000\]"):
-        make_trainer(data=torch.linspace(0, 255, 64).reshape(1, 1, 8, 8))
-    with pytest.raises(ValueError, match=r"must be float \(N, C, H, W\) in \[-1, 1\], got \(4, 8, 8\) torch.float32"):
-        make_trainer(data=torch.zeros(4, 8, 8))
-    with pytest.raises(ValueError, match=r"got \(4, 1, 8, 8\) torch.uint8"):
-        make_trainer(data=torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
+# --- Ctrl-C, and nothing written when nothing ran ---------------------------------------------------
+
+def _interrupt_at(trainer, monkeypatch, at_step):
+    """Make train_step raise KeyboardInterrupt (Ctrl-C) when ``at_step`` steps are done."""
+    step = trainer.train_step
+
+    def train_step():
+        if trainer.step == at_step:
+            raise KeyboardInterrupt
+        return step()
+    monkeypatch.setattr(trainer, "train_step", train_step)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(make_trainer, monkeypatch, tmp_path, capsys):
+    straight = make_trainer(steps=6)
+    straight.fit(progress=False)
+
+    path = tmp_path / "ck.pt"
+    trainer = make_trainer(steps=6)
+    _interrupt_at(trainer, monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(progress=False, checkpoint_path=path)
+    assert f"interrupted at step 3: saved a resumable checkpoint to {path}" in capsys.readouterr().out
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == 3 and len(ckpt["history"]["loss"]) == 3 and "optimizer" in ckpt
+
+    resumed = make_trainer(steps=6, seed=0).resume(path)
+    resumed.fit(progress=False)
+    assert resumed.history.loss == straight.history.loss
+    assert torch.equal(resumed.model.conv_in.weight, straight.model.conv_in.weight)
+    assert torch.equal(resumed.ema.module.conv_in.weight, straight.ema.module.conv_in.weight)
+
+
+def test_ctrl_c_in_the_callback_saves_too(make_trainer, tmp_path):
+    path = tmp_path / "ck.pt"
+
+    def callback(trainer):
+        if trainer.step == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(steps=6).fit(progress=False, callback=callback, checkpoint_path=path, checkpoint_every=2)
+    assert load_checkpoint(path)["step"] == 2
+
+
+def test_no_checkpoint_when_no_step_ran(make_trainer, monkeypatch, tmp_path):
+    path = tmp_path / "ck.pt"
+    trainer = make_trainer()
+    _interrupt_at(trainer, monkeypatch, 0)                 # Ctrl-C before the first step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(progress=False, checkpoint_path=path)
+    assert not path.exists()
+
+    done = make_trainer()
+    done.fit(progress=False)                               # 4 of 4 steps: nothing left to run
+    done.fit(progress=False, checkpoint_path=path)
+    assert not path.exists()
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 0"):
+        done.fit(progress=False, checkpoint_every=-1)
+
+
+def test_checkpoint_every_saves_along_the_way(make_trainer, tmp_path):
+    seen = []
+    path = tmp_path / "ck.pt"
+    make_trainer(steps=4).fit(progress=False, checkpoint_path=path, checkpoint_every=2,
+                              callback=lambda tr: seen.append((tr.step, load_checkpoint(path)["step"])))
+    assert seen == [(2, 2), (4, 4), (4, 4)]                # every 2 steps, then at the end
+
+
+# --- data checks ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data, error, message", [
+    (torch.rand(16, 1, 8, 8), ValueError, r"looks scaled to \[0, 1\].*use 2 \* x - 1"),
+    (torch.linspace(0, 255, 64).reshape(1, 1, 8, 8), ValueError, r"must lie in \[-1, 1\], got values in \[0, 255\]"),
+    (torch.zeros(0, 1, 8, 8), ValueError, "training data: need at least 1 images, got 0"),
+    (torch.full((4, 1, 8, 8), float("nan")), ValueError, "training data contain NaN or inf"),
+    (torch.zeros(4, 8, 8), ValueError, r"training data must have shape \(B, 1, 8, 8\), got \(4, 8, 8\)"),
+    (torch.zeros(4, 1, 16, 16), ValueError, r"training data must have shape \(B, 1, 8, 8\), got \(4, 1, 16, 16\)"),
+    (torch.zeros(4, 3, 8, 8), ValueError, r"training data must have shape \(B, 1, 8, 8\)"),
+    (torch.zeros(4, 1, 8, 8, dtype=torch.uint8), TypeError, "floating-point tensor scaled to"),
+], ids=["unit_range", "0_255", "empty", "nan", "no_channel", "wrong_size", "rgb", "uint8"])
+def test_bad_training_data(make_trainer, tiny_config, data, error, message):
+    with pytest.raises(error, match=message):
+        check_training_data(data, tiny_config)
+    with pytest.raises(error, match=message):             # refused before any training starts
+        make_trainer(data=data)
+
+
+def test_good_training_data_passes(tiny_config, tiny_images):
+    check_training_data(tiny_images(), tiny_config)
+    check_training_data(torch.zeros(1, 1, 8, 8), tiny_config)     # one blank image is not a scaling mistake
 
 
 def test_lr_factor():
+    from ddpm_tutorial.config import TrainConfig
     cos = TrainConfig(steps=110, warmup_steps=10, lr_decay="cosine")
     assert lr_factor(0, cos) == pytest.approx(0.1)
     assert lr_factor(4, cos) == pytest.approx(0.5)
@@ -149,3 +358,12 @@ def test_history_helpers():
     assert h.smoothed(2) == [1.0, 1.5, 2.5, 3.5, 4.5]
     h = History(t_bucket_sum=[2.0, 0.0], t_bucket_count=[4, 0])
     assert h.bucket_means()[0] == 0.5 and math.isnan(h.bucket_means()[1])
+
+
+def test_trainer_class_still_takes_a_model_directly(tiny_config, tiny_images, make_preset):
+    """build_trainer is the way; Trainer(model, data, train, diffusion) stays what it wraps."""
+    preset = make_preset()
+    torch.manual_seed(preset.train.seed)
+    direct = Trainer(UNet(tiny_config, T=100), tiny_images(), preset.train, preset.diffusion, device="cpu")
+    built = build_trainer(preset, tiny_images(), device="cpu")
+    assert direct.fit(progress=False).loss == built.fit(progress=False).loss

@@ -29,7 +29,7 @@ def inputs(cfg: ModelConfig, B: int = 2, seed: int = 0):
 
 
 @pytest.mark.parametrize("skip, size, attention, nrb", list(itertools.product(
-    ["pre", "post", None], [28, 32], [False, True], [1, 2])))
+    ["pre", "post", "none"], [28, 32], [False, True], [1, 2])))
 def test_output_shape(skip, size, attention, nrb):
     cfg = tiny(skip=skip, image_size=size, attention=attention, num_res_blocks=nrb)
     model = build(cfg)
@@ -72,7 +72,7 @@ def test_output_depends_on_t_and_not_on_other_batch_items():
 
 
 def test_parameter_counts():
-    pre, post, none = (count_parameters(build(tiny(skip=s))) for s in ("pre", "post", None))
+    pre, post, none = (count_parameters(build(tiny(skip=s))) for s in ("pre", "post", "none"))
     assert pre == post
     assert none < pre
     # the same weights load into either mode: identical architecture, only the wiring differs
@@ -117,7 +117,7 @@ def _is_2x2_constant(a):
 @pytest.mark.parametrize("size", [28, 32])
 def test_what_the_decoder_concatenates(size):
     """pre: the encoder's full-resolution features; post: its downsampled features repeated
-    2x2 (half the detail is gone); None: nothing. Same weights in all three."""
+    2x2 (half the detail is gone); "none": nothing. Same weights in all three."""
     cfg = tiny(image_size=size, skip="pre")
     pre = build(cfg)
     post = build(tiny(image_size=size, skip="post"))
@@ -152,7 +152,7 @@ def test_what_the_decoder_concatenates(size):
         # the upsampled path (the first channels) is the same kind of tensor in both modes
         assert cap_post[k].shape == cap_pre[k].shape
 
-    none = build(tiny(image_size=size, skip=None))
+    none = build(tiny(image_size=size, skip="none"))
     cap_none = decoder_inputs(none, x, t)
     with torch.no_grad():
         _, skips_none, _ = none.encode(x, none.time_embed(t))
@@ -173,18 +173,35 @@ def test_bad_inputs():
         model(F.pad(x, (2, 2, 2, 2)), t)
     with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.uint8"):
         model(x.clamp(0, 1).to(torch.uint8), t)
-    with pytest.raises(ValueError, match=r"t must have shape \(B,\) = \(2,\), got \(2, 1\)"):
+    with pytest.raises(ValueError, match=r"t must have shape \(B,\), got \(2, 1\)"):
         model(x, t[:, None])
-    with pytest.raises(ValueError, match=r"t must have shape \(B,\) = \(2,\), got \(3,\)"):
+    with pytest.raises(ValueError, match="t has 3 timesteps but the batch has 2 images"):
         model(x, torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match=r"t must have shape \(B,\) = \(2,\), got int"):
+    with pytest.raises(TypeError, match="t must be a torch.Tensor of integer timesteps, got int"):
         model(x, 5)
+    with pytest.raises(TypeError, match="t must hold integer timesteps"):
+        model(x, t.float())
+
+
+@pytest.mark.parametrize("T", [1000, 50])
+def test_timesteps_outside_0_T_are_refused(T):
+    """The network is trained for t in [0, T): anything else is a caller's bug, refused
+    with the range in the message (the embedding would happily encode t = T or -1)."""
+    cfg = tiny(image_size=28)
+    model = UNet(cfg, T=T).eval() if T != 1000 else UNet(cfg).eval()
+    assert model.T == T
+    x, _ = inputs(cfg)
+    with torch.no_grad():
+        model(x, torch.tensor([0, T - 1]))                       # the two ends are fine
+        for bad in ([0, T], [-1, 3], [T + 100, 0]):
+            with pytest.raises(ValueError, match=rf"timesteps must lie in \[0, {T}\)"):
+                model(x, torch.tensor(bad))
 
 
 def test_bad_configs():
     with pytest.raises(ValueError, match=r"divisible by groups=8 for GroupNorm; widths are \(12, 24\)"):
         ModelConfig(base_channels=12, channel_mults=(1, 2), groups=8)
-    with pytest.raises(ValueError, match=r"skip must be one of \('pre', 'post', None\), got 'mid'"):
+    with pytest.raises(ValueError, match=r"skip must be one of \('pre', 'post', 'none'\), got 'mid'"):
         ModelConfig(skip="mid")
     with pytest.raises(ValueError, match=r"skip must be one of"):
         UNet(skip="after")
