@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shlex
 import sys
 from pathlib import Path
 
-import torch
+try:                    # importing torch takes seconds: a Ctrl-C then is an answer, not a traceback
+    import torch
 
-from .config import PRESETS, default_device, preset_name
+    from .config import PRESETS, default_device, preset_name
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 def _train(args) -> None:
@@ -37,7 +43,13 @@ def _train(args) -> None:
         if set(overrides) - {"steps"}:
             raise ValueError(f"--resume continues a run with its own settings; only --steps may change, "
                              f"not {', '.join('--' + k.replace('_', '-') for k in set(overrides) - {'steps'})}")
+        if args.conditional:
+            raise ValueError("--conditional cannot be combined with --resume: a resumed run keeps the model "
+                             "it was started with")
         ckpt = load_checkpoint(args.resume)
+        if "optimizer" not in ckpt:
+            raise ValueError(f"{args.resume} holds no optimiser state (an exported checkpoint): it can be "
+                             "sampled from but not resumed; resume the training checkpoint it was exported from")
         model_cfg, diffusion_cfg, train_cfg = configs_from_checkpoint(ckpt)
         preset = dataclasses.replace(preset, name=f"{args.resume} (resumed)", model=model_cfg,
                                      diffusion=diffusion_cfg, train=train_cfg)
@@ -57,11 +69,14 @@ def _train(args) -> None:
         trainer.resume(args.resume)
         trainer.cfg = train_cfg          # the same run, with a new number of total steps
         print(f"resumed at step {trainer.step}")
+    start = trainer.step
     try:
         trainer.fit(checkpoint_path=out, checkpoint_every=args.save_every)
     except KeyboardInterrupt:
-        if trainer.step:
-            print(f"resume with: python -m ddpm_tutorial train --resume {out}", file=sys.stderr)
+        if trainer.step > start or (args.resume and out == Path(args.resume)):   # fit saved, or nothing new
+            data_arg = f" --data {shlex.quote(args.data)}" if args.data else ""
+            print(f"resume with: python -m ddpm_tutorial train --resume {shlex.quote(str(out))}{data_arg}",
+                  file=sys.stderr)
         raise
     print(f"done: {trainer.step} steps, final loss {trainer.history.loss[-1]:.4f}, "
           f"{trainer.history.seconds:.0f} s this run; checkpoint {out}")
@@ -78,19 +93,23 @@ def _sample(args) -> None:
         raise ValueError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if not (0.0 <= args.eta <= 1.0):
         raise ValueError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {args.eta}")
+    if args.eta and not args.ddim_steps:
+        raise ValueError(f"--eta {args.eta} applies to DDIM only: add --ddim-steps N (full DDPM has no eta)")
+    y = class_index(args.class_name) if args.class_name is not None else None
+    if y is None and args.guidance:
+        raise ValueError("--guidance needs --class (the class to guide towards)")
     if not args.png and not args.tensor:
         args.png = "samples.png"
-    for path in (args.png, args.tensor):
+    for path, example in ((args.png, "samples.png"), (args.tensor, "samples.pt")):
         if path:
-            check_output_path(Path(path), overwrite=True)
+            check_output_path(Path(path), overwrite=True, example=example)
     if args.png:
         from .viz import check_image_extension
         check_image_extension(args.png)
     device = default_device()
     model, schedule, _ = model_from_checkpoint(args.checkpoint, device=device)
-    y = class_index(args.class_name) if args.class_name is not None else None
-    if y is None and args.guidance:
-        raise ValueError("--guidance needs --class (the class to guide towards)")
+    if args.ddim_steps > schedule.T:
+        raise ValueError(f"--ddim-steps must be at most the checkpoint's T = {schedule.T}, got {args.ddim_steps}")
     if y is not None and not model.config.num_classes:
         raise ValueError("this checkpoint has no class embedding (an unconditional model): drop --class, "
                          "or train a conditional one with `python -m ddpm_tutorial train --conditional`")
@@ -124,7 +143,11 @@ def class_index(name: str) -> int:
 def _export(args) -> None:
     """A small checkpoint for sampling only: EMA weights and configs, no optimiser state."""
     from .checkpoint import check_output_path, export_for_sampling
-    check_output_path(Path(args.out), overwrite=args.force)
+    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"--out {args.out} is the --checkpoint itself: exporting over it would delete its "
+                         "optimiser state; choose another --out")
+    check_output_path(Path(args.out), overwrite=args.force,
+                      exists_hint="pass --force to overwrite it, or choose another --out")
     path, size = export_for_sampling(args.checkpoint, args.out)
     print(f"wrote {path} ({size / 1e6:.2f} MB: EMA weights and configs, no optimiser state)")
 
@@ -136,9 +159,17 @@ def _positive_or_zero(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what was wrong, where the help is), exit code 2.
+    Sub-command parsers are made with this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ddpm_tutorial", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="python -m ddpm_tutorial", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a DDPM on Fashion-MNIST")
@@ -195,9 +226,19 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, TypeError, RuntimeError, OSError, FloatingPointError, ZeroDivisionError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except Exception as err:       # a bug of ours: still one line, the traceback on request
+        if os.environ.get("DDPM_TRACEBACK"):
+            raise
+        print(f"error: unexpected {type(err).__name__}: {_one_line(err)} (likely a bug; rerun with "
+              "DDPM_TRACEBACK=1 to see the traceback, and please report it)", file=sys.stderr)
         return 1
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -13,8 +13,11 @@ needs pickle's arbitrary-code path):
 """
 from __future__ import annotations
 
+import glob
 import os
+import re
 import tempfile
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -37,11 +40,29 @@ def shipped_checkpoint_path(name: str = "ddpm_fashion_cpu.pt") -> Path:
     return Path(str(resources.files("ddpm_tutorial") / "assets" / name))
 
 
+# A save in progress writes its temporary file continuously and renames it within seconds, so
+# a temporary file of the same checkpoint untouched for this long was left by a killed save.
+STALE_TMP_SECONDS = 60
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete ``.<name>.*.tmp`` files that a save killed by ``kill -9`` or a power cut left beside ``path``."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+                tmp.unlink()
+        except OSError:          # gone already, or not ours to delete: leave it
+            pass
+
+
 def save_checkpoint(path, state: dict) -> Path:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed
-    to disk, then ``os.replace``. An interrupted save leaves the old file (or none), never half a file."""
+    to disk, then ``os.replace``. An interrupted save leaves the old file (or none), never half a
+    file; the temporary file of a save that was killed outright is removed by the next save."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     state = {"format": FORMAT, **state}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -56,22 +77,30 @@ def save_checkpoint(path, state: dict) -> Path:
     return path
 
 
-def check_output_path(path, overwrite: bool = False) -> Path:
+def check_output_path(path, overwrite: bool = False, example: str = "model.pt",
+                      exists_hint: str | None = None) -> Path:
     """Check, before any long work, that a file can be written at ``path``: not a folder, no
     file in the way of its parent folders, the folder writable, and no existing file unless
-    ``overwrite``. Creates the parent folders. Raises ValueError / OSError saying what to do."""
+    ``overwrite``. Creates the parent folders. Raises ValueError / OSError saying what to do.
+    ``example`` is the file name suggested when ``path`` is a folder; ``exists_hint`` replaces
+    the advice given when the file exists (default: the ``train`` command's)."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder; give a file path such as {path / 'model.pt'}")
+        raise ValueError(f"{path} is a folder; give a file path such as {path / example}")
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"cannot write {path}: {parent} is a file, not a folder")
     if path.exists() and not overwrite:
-        raise ValueError(f"{path} already exists; pass --force to overwrite it, --resume {path} "
-                         "to continue training it, or choose another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    probe = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe", delete=True)
-    probe.close()
+        hint = exists_hint or (f"pass --force to overwrite it, --resume {path} to continue training it, "
+                               "or choose another --out")
+        raise ValueError(f"{path} already exists; {hint}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe", delete=True)
+        probe.close()
+    except OSError as err:        # read-only folder or disk, no permission
+        raise OSError(f"cannot write {path}: {err.strerror or err} (in {path.parent}); "
+                      "choose a folder you can write to") from err
     return path
 
 
@@ -97,14 +126,25 @@ def load_checkpoint_dict(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, tampered objects
-        raise CheckpointError(f"{path} is not a readable ddpm_tutorial checkpoint "
-                              f"(corrupt, truncated, or holds objects that weights_only=True "
-                              f"refuses to unpickle): {type(err).__name__}: {err}") from err
+        raise CheckpointError(f"{path} is not a readable ddpm_tutorial checkpoint ({_load_failure(err)})") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not a ddpm_tutorial checkpoint (format {found!r}, "
                               f"expected {FORMAT!r})")
     return ckpt
+
+
+def _load_failure(err: Exception) -> str:
+    """torch.load's error in one line. Its own text runs over several lines and advises
+    ``weights_only=False``, which would run whatever code a tampered file holds."""
+    text = str(err)
+    refused = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
+    if refused:
+        return (f"it holds a pickled object, {refused.group(1)}, that weights_only=True refuses to load, so nothing "
+                "in it ran; do not load it with weights_only=False unless you trust where it came from")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = first.split(". ")[0][:160]
+    return f"corrupt, truncated, or not written by torch.save: {type(err).__name__}" + (f": {first}" if first else "")
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

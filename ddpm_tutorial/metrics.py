@@ -69,17 +69,31 @@ class FashionClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+_RETRAIN = "recreate them with `python bench/train_classifier.py`, or reinstall the package to get the shipped file"
+
+
 def read_weights(path: str | Path = WEIGHTS) -> dict:
-    """The state_dict at ``path``, tensors only (``weights_only=True``: no pickled code runs)."""
+    """The state_dict at ``path``, tensors only (``weights_only=True``: no pickled code runs).
+    Raises FileNotFoundError / RuntimeError, naming the file and what to do, for a missing,
+    corrupt or foreign file."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"classifier weights path {path} is a folder, not a weights file; {_RETRAIN}")
     if not path.is_file():
-        raise FileNotFoundError(f"classifier weights not found at {path}; "
-                                "recreate them with `python bench/train_classifier.py`")
+        raise FileNotFoundError(f"classifier weights not found at {path}; {_RETRAIN}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RuntimeError(f"classifier weights at {path} are corrupt or not a state_dict ({err}); "
-                           "recreate them with `python bench/train_classifier.py`") from err
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:   # truncated zip, not a torch file, or objects weights_only refuses
+        # torch's own text runs over lines and advises weights_only=False: keep its first sentence
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "").split(". ")[0][:160]
+        raise RuntimeError(f"classifier weights at {path} are corrupt or not a state_dict "
+                           f"({type(err).__name__}{': ' + first if first else ''}); {_RETRAIN}") from err
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        what = type(state).__name__ if not isinstance(state, dict) else "a dict that is not name -> tensor"
+        raise RuntimeError(f"classifier weights at {path} are unusable: expected a state_dict "
+                           f"(parameter name -> tensor), found {what}; {_RETRAIN}")
+    return state
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,10 +101,21 @@ def _load_cached(device: str, path: str) -> FashionClassifier:
     # weights may be stored as float16; BatchNorm's counter stays int64
     state = {k: v.float() if v.is_floating_point() else v for k, v in read_weights(path).items()}
     model = FashionClassifier()
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise RuntimeError(f"classifier weights at {path} do not fit FashionClassifier: {err}") from err
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        found = "; ".join(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                          for label, items in (("missing", missing), ("unexpected", unexpected),
+                                               ("wrong shape", wrong)) if items)
+        raise RuntimeError(f"classifier weights at {path} are unusable: they do not fit FashionClassifier "
+                           f"({found}); {_RETRAIN}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise RuntimeError(f"classifier weights at {path} are unusable: {', '.join(bad[:3])} contain NaN or inf; "
+                           f"{_RETRAIN}")
+    model.load_state_dict(state)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -339,11 +364,12 @@ def nearest_training_images(samples: torch.Tensor, train: torch.Tensor, space: s
     else:
         a = classifier_features(samples, device=device, name="samples")[0]
         b = torch.cat([classifier_features(c, device=device, name="train")[0] for c in train.split(10_000)])
-    best_d = torch.full((len(a),), float("inf"))
+    best_d = torch.full((len(a),), float("inf"), dtype=torch.float64)
     best_i = torch.zeros(len(a), dtype=torch.long)
     for start in range(0, len(b), chunk):
-        d = torch.cdist(a.float(), b[start:start + chunk].float())         # (N, chunk)
+        # float64: cdist's matrix-product path puts exact copies at ~0.01 in float32
+        d = torch.cdist(a.double(), b[start:start + chunk].double())       # (N, chunk)
         d_min, i_min = d.min(1)
         better = d_min < best_d
         best_d[better], best_i[better] = d_min[better], i_min[better] + start
-    return best_d, best_i
+    return best_d.float(), best_i

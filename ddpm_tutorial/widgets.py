@@ -27,6 +27,7 @@ import json
 import struct
 import sys
 import uuid
+import warnings
 from base64 import b64encode
 
 import numpy as np
@@ -191,8 +192,33 @@ def show_slider(frames, labels, title: str | None = None, live: bool = False,
     """
     from IPython.display import display
 
-    make = live_slider if live and _kernel_attached() else slider
+    make = live_slider if live and _live_widgets_available() else slider
     display(make(frames, labels, title=title, width=width))
+
+
+def _kernel_attached() -> bool:
+    """True inside a running Jupyter kernel (JupyterLab, Notebook, VS Code, Colab): there a
+    widget has a frontend to talk to. False in plain Python and in terminal IPython."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _live_widgets_available() -> bool:
+    """A kernel is attached and ipywidgets imports; else (with a warning when only ipywidgets
+    is missing) the caller falls back to the static slider, which works everywhere."""
+    if not _kernel_attached():
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        warnings.warn("show_slider(live=True) needs ipywidgets (pip install ipywidgets); "
+                      "showing the static slider instead", stacklevel=3)
+        return False
+    return True
 
 
 def _to_uint8(frame, i: int, scale: int) -> np.ndarray:

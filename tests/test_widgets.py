@@ -5,6 +5,7 @@ The browser side (does the slider move?) is tests/test_browser.py.
 import base64
 import io
 import re
+import sys
 from html.parser import HTMLParser
 
 import matplotlib.pyplot as plt
@@ -175,3 +176,57 @@ def test_live_slider_moves():
     step.value = 3
     assert bytes(image.value) != first and label.value == "t = 3"
     assert Image.open(io.BytesIO(bytes(image.value))).size == (28, 28)
+
+
+def test_show_slider_live_without_a_kernel_falls_back_to_static(capsys):
+    """Plain Python (this test process) has no kernel: live=True shows the static slider."""
+    from ddpm_tutorial import widgets
+    assert widgets._kernel_attached() is False
+    widgets.show_slider(noisy_frames(2), ["a", "b"], live=True)     # no NameError, no widget
+    assert "HTML object" in capsys.readouterr().out
+
+
+def test_show_slider_live_without_ipywidgets_warns_and_shows_static(monkeypatch, capsys):
+    from ddpm_tutorial import widgets
+    monkeypatch.setattr(widgets, "_kernel_attached", lambda: True)
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)          # import ipywidgets -> ImportError
+    with pytest.warns(UserWarning, match=r"needs ipywidgets \(pip install ipywidgets\); showing the static"):
+        widgets.show_slider(noisy_frames(2), ["a", "b"], live=True)
+    assert "HTML object" in capsys.readouterr().out
+
+
+LIVE_CELL = """\
+import numpy as np
+import ipywidgets
+from ddpm_tutorial.widgets import show_slider, _kernel_attached
+
+assert _kernel_attached()
+frames = np.random.default_rng(0).random((3, 8, 8))
+show_slider(frames, ["t = 0", "t = 1", "t = 2"], title="live", live=True)
+print("ipywidgets", ipywidgets.__version__)"""
+
+
+@pytest.mark.slow
+def test_show_slider_live_in_a_real_kernel():
+    """Starts an ipykernel (nbclient), runs show_slider(live=True) there and checks that the
+    kernel displayed a widget view and opened comms for the slider's widget models."""
+    pytest.importorskip("ipywidgets", reason="ipywidgets is not installed")
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(LIVE_CELL)])
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=120, store_widget_state=True)
+    client.execute()        # raises CellExecutionError on any error in the cell
+
+    outputs = nb.cells[0].outputs
+    assert not [o for o in outputs if o["output_type"] == "error"], outputs
+    views = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(views) == 1, f"show_slider(live=True) displayed no widget view: {outputs}"
+    assert not [o for o in outputs if "text/html" in o.get("data", {})], "fell back to the static slider"
+    # The comms the kernel opened, as nbclient recorded them: one model per widget of the box.
+    state = nb.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
+    models = [m["model_name"] for m in state.values()]
+    assert {"VBoxModel", "ImageModel", "IntSliderModel", "LabelModel"} <= set(models), models
+    view_id = views[0]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
+    assert state[view_id]["model_name"] == "VBoxModel"
+    (slider_state,) = [m["state"] for m in state.values() if m["model_name"] == "IntSliderModel"]
+    assert (slider_state["min"], slider_state["max"], slider_state["description"]) == (0, 2, "live")

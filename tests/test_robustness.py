@@ -1,0 +1,298 @@
+"""Issue 12: every command a learner types either works or says, in one line, exactly what to fix,
+and no training run is lost. The CLI runs here as the learner runs it, ``python -m ddpm_tutorial``
+in a subprocess (exit code, stderr, files left behind), including a real Ctrl-C (SIGINT).
+
+book/troubleshooting.md lists the same cases for the reader: error message -> cause -> fix.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_tutorial import metrics
+from ddpm_tutorial.checkpoint import STALE_TMP_SECONDS, load_checkpoint, save_checkpoint
+from ddpm_tutorial.config import get_preset
+from ddpm_tutorial.data import IDX_FILES
+from ddpm_tutorial.train import build_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {"train-images-idx3-ubyte": (60000, 28, 28), "train-labels-idx1-ubyte": (60000,),
+          "t10k-images-idx3-ubyte": (10000, 28, 28), "t10k-labels-idx1-ubyte": (10000,)}
+
+
+def cli_env(cache: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("DDPM_DATA_DIR", "DDPM_TRACEBACK")}
+    return {**env, "OMP_NUM_THREADS": "1", "DDPM_QUICK": "1", "XDG_CACHE_HOME": str(cache),
+            "PYTHONPATH": str(ROOT), **extra}
+
+
+def cli(args, cwd: Path, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ddpm_tutorial", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def fake_data_folder(folder: Path) -> Path:
+    """Well-formed Fashion-MNIST idx files in torchvision's layout, all pixels 0 (written sparse:
+    instant). The CLI trains on them as on the real files, without decompressing 47 MB first."""
+    raw = folder / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in IDX_FILES:
+        shape = SHAPES[name]
+        with open(raw / name, "wb") as f:
+            f.write(struct.pack(f">{1 + len(shape)}I", 0x0800 + len(shape), *shape))
+            f.truncate(4 + 4 * len(shape) + torch.Size(shape).numel())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A folder with a trained checkpoint (2 steps of the quick preset on random images), the same
+    checkpoint with NaN EMA weights, a folder, a plain file, good and corrupt data folders."""
+    w = tmp_path_factory.mktemp("robust")
+    images = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    trainer = build_trainer(get_preset("quick"), images, device="cpu")
+    trainer.fit(steps=2, progress=False, checkpoint_path=w / "good.pt")
+    ckpt = load_checkpoint(w / "good.pt")
+    ckpt["ema"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                   for k, v in ckpt["ema"].items()}
+    save_checkpoint(w / "nan.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    (w / "folder").mkdir()
+    (w / "afile").write_text("not a folder")
+    fake_data_folder(w / "data")
+    bad = fake_data_folder(w / "corrupt") / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte"
+    bad.write_bytes(bad.read_bytes()[:1000])
+    (w / "cache").mkdir()
+    return w
+
+
+# name: (command line, extra environment, exit code, text of the one error line, files that must not appear)
+REFUSALS = {
+    "out is a folder": (["train", "--out", "folder", "--steps", "2", "--subset", "64"], {}, 1,
+                        "error: folder is a folder; give a file path such as folder/model.pt", ["folder/model.pt"]),
+    "out under a file": (["train", "--out", "afile/x.pt", "--steps", "2", "--subset", "64"], {}, 1,
+                         "error: cannot write afile/x.pt: afile is a file, not a folder", []),
+    "steps 0": (["train", "--steps", "0", "--out", "s0.pt"], {}, 1, "error: steps must be >= 1, got 0", ["s0.pt"]),
+    "save-every -1": (["train", "--save-every", "-1", "--out", "se.pt"], {}, 2,
+                      "argument --save-every: must be >= 0, got -1", ["se.pt"]),
+    "existing checkpoint": (["train", "--out", "good.pt", "--steps", "2", "--subset", "64"], {}, 1,
+                            "error: good.pt already exists; pass --force to overwrite it, --resume good.pt", []),
+    "preset with resume": (["train", "--resume", "good.pt", "--preset", "quick", "--steps", "5"], {}, 1,
+                           "error: --preset quick cannot be combined with --resume", []),
+    "wrong --data": (["train", "--data", "nowhere", "--steps", "2", "--subset", "64", "--out", "wd.pt"], {}, 1,
+                     "error: the data folder nowhere (--data / root=) does not exist", ["wd.pt"]),
+    "wrong DDPM_DATA_DIR": (["train", "--steps", "2", "--subset", "64", "--out", "we.pt"],
+                            {"DDPM_DATA_DIR": "folder"}, 1,
+                            "error: the data folder folder (DDPM_DATA_DIR) does not hold Fashion-MNIST", ["we.pt"]),
+    "corrupt data file": (["train", "--data", "corrupt", "--steps", "2", "--subset", "64", "--out", "cd.pt"], {}, 1,
+                          "error: Fashion-MNIST file corrupt/FashionMNIST/raw/train-labels-idx1-ubyte was found but "
+                          "is corrupt: it has 1000 bytes, expected 60008 (truncated). To fix: replace it", ["cd.pt"]),
+    "png extension": (["sample", "--checkpoint", "good.pt", "--n", "2", "--ddim-steps", "2", "--png", "grid.bmpx"],
+                      {}, 1, "error: cannot write an image to grid.bmpx: unknown extension .bmpx; use one of",
+                      ["grid.bmpx"]),
+    "eta 5": (["sample", "--checkpoint", "good.pt", "--ddim-steps", "2", "--eta", "5", "--png", "e5.png"], {}, 1,
+              "error: --eta must be in [0, 1]", ["e5.png"]),
+}
+
+
+@pytest.fixture(scope="module")
+def refusals(work):
+    """Run every refusal case, two at a time (they are independent; each is one interpreter start)."""
+    def run(name):
+        args, extra, *_ = REFUSALS[name]
+        return name, cli(args, work, cli_env(work / "cache", **extra))
+    before = (work / "good.pt").read_bytes()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(pool.map(run, REFUSALS))
+    assert (work / "good.pt").read_bytes() == before, "a refused command changed the existing checkpoint"
+    return results
+
+
+@pytest.mark.parametrize("name", list(REFUSALS))
+def test_refused_in_one_line_before_any_work(work, refusals, name):
+    _, _, code, message, absent = REFUSALS[name]
+    proc = refusals[name]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not re.search(r"training:|DDIM \d+ steps:|DDPM sampling", proc.stderr)   # no progress bar: no work started
+    for path in absent:
+        assert not (work / path).exists(), f"{path} was written"
+
+
+def test_nan_weights_exit_1_and_write_nothing(work):
+    proc = cli(["sample", "--checkpoint", "nan.pt", "--n", "2", "--ddim-steps", "2", "--png", "nan.png",
+                "--tensor", "nan_t.pt"], work, cli_env(work / "cache"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: sampling produced NaN or inf values")
+    assert not (work / "nan.png").exists() and not (work / "nan_t.pt").exists()
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint_and_resume_continues(work, tmp_path):
+    """A real SIGINT during training: exit 130, a checkpoint at the step reached, the resume hint;
+    then --resume continues from exactly there."""
+    out, err_file = tmp_path / "x.pt", tmp_path / "stderr.txt"
+    env = cli_env(work / "cache")
+    with open(err_file, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ddpm_tutorial", "train", "--preset", "quick",
+                                 "--steps", "100000", "--save-every", "0", "--subset", "64",
+                                 "--data", str(work / "data"), "--out", str(out)],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + 150
+            # tqdm redraws the bar at most every 2 s; a count >= 1 means a step has finished
+            while not re.search(r"\| *[1-9]\d*/100000 \[", err_file.read_text()):
+                assert proc.poll() is None, f"training ended early: {err_file.read_text()}"
+                assert time.monotonic() < deadline, f"training did not start: {err_file.read_text()}"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            stdout, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = err_file.read_text()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    saved = re.search(rf"interrupted at step (\d+): saved a resumable checkpoint to {re.escape(str(out))}", stdout)
+    assert saved, stdout
+    assert f"resume with: python -m ddpm_tutorial train --resume {out} --data {work / 'data'}" in stderr
+    ckpt = load_checkpoint(out)
+    step = int(saved.group(1))
+    assert ckpt["step"] == step > 0 and len(ckpt["history"]["loss"]) == step and "optimizer" in ckpt
+
+    resumed = cli(["train", "--resume", out, "--steps", step + 2, "--data", work / "data"], tmp_path, env)
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
+    assert f"resumed at step {step}" in resumed.stdout
+    after = load_checkpoint(out)
+    assert after["step"] == step + 2 and after["history"]["loss"][:step] == ckpt["history"]["loss"]
+
+
+def test_unexpected_errors_are_one_line_too(work, monkeypatch, capsys):
+    """An exception of a kind no check foresaw still ends in one line (the traceback on request)."""
+    from ddpm_tutorial import __main__ as cli_main
+
+    def broken(args):
+        raise KeyError("boom")
+    monkeypatch.setattr(cli_main, "_export", broken)       # build_parser binds it when main() runs
+    monkeypatch.delenv("DDPM_TRACEBACK", raising=False)
+    assert cli_main.main(["export", "--checkpoint", "a", "--out", "b"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unexpected KeyError: 'boom' (likely a bug; rerun with DDPM_TRACEBACK=1")
+    assert err.count("\n") == 1
+    monkeypatch.setenv("DDPM_TRACEBACK", "1")
+    with pytest.raises(KeyError):
+        cli_main.main(["export", "--checkpoint", "a", "--out", "b"])
+
+
+# --- the library's entry points (item 12) --------------------------------------------------------
+
+def test_killed_save_leaves_no_stale_temporary_file(tmp_path):
+    """kill -9 during a save leaves .<name>.*.tmp behind; the next save of that checkpoint removes it
+    (but not a temporary file still being written, nor another checkpoint's)."""
+    path = tmp_path / "run.pt"
+    stale, live, other = (tmp_path / ".run.pt.abc123.tmp", tmp_path / ".run.pt.def456.tmp",
+                          tmp_path / ".other.pt.abc123.tmp")
+    for f in (stale, live, other):
+        f.write_bytes(b"half a checkpoint")
+    old = time.time() - STALE_TMP_SECONDS - 5
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    save_checkpoint(path, {"step": 1})
+    assert not stale.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.abc123.tmp", ".run.pt.def456.tmp", "run.pt"]
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_metric_refuses_n_below_2(n):
+    samples = torch.rand(4, 1, 28, 28) * 2 - 1
+    with pytest.raises(ValueError, match=rf"n must be in \[2, 4\] \(4 samples given\), got {n}"):
+        metrics.fashion_fd(samples, reference=samples, n=n)
+    with pytest.raises(ValueError, match="need at least 2 images, got 1"):
+        metrics.fashion_fd(samples[:1])
+
+
+class _MakeFolder:
+    """Unpickling this runs os.mkdir: what a tampered weights file could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def _weights_file(tmp_path, kind):
+    path = tmp_path / f"{kind}.pt"
+    good = metrics.read_weights()
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "garbage":
+        path.write_bytes(b"these are not weights")
+    elif kind == "truncated":
+        path.write_bytes(metrics.WEIGHTS.read_bytes()[:5000])
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "numbers":
+        torch.save({"trunk.0.weight": 1.0}, path)
+    elif kind == "other network":
+        torch.save({"layer.weight": torch.zeros(2, 2)}, path)
+    elif kind == "wrong shape":
+        torch.save({**good, "head.weight": torch.zeros(3, good["head.weight"].shape[1])}, path)
+    elif kind == "pickled code":
+        torch.save({"head.bias": _MakeFolder(tmp_path / "code_ran")}, path)
+    elif kind == "nan":
+        torch.save({**good, "head.bias": torch.full_like(good["head.bias"], float("nan"))}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind, error, message", [
+    ("missing", FileNotFoundError, "classifier weights not found at .*missing.pt"),
+    ("folder", FileNotFoundError, "classifier weights path .*folder.pt is a folder"),
+    ("garbage", RuntimeError, r"classifier weights at .*garbage.pt are corrupt or not a state_dict \("),
+    ("truncated", RuntimeError, r"classifier weights at .*truncated.pt are corrupt or not a state_dict \("),
+    ("tensor", RuntimeError, r"tensor.pt are unusable: expected a state_dict .* found Tensor"),
+    ("numbers", RuntimeError, r"numbers.pt are unusable: expected a state_dict .* not name -> tensor"),
+    ("other network", RuntimeError, r"do not fit FashionClassifier \(missing: .*; unexpected: layer.weight\)"),
+    ("wrong shape", RuntimeError, r"wrong shape: head.weight \(3, 64\) \(expected \(10, 64\)\)"),
+    ("nan", RuntimeError, r"nan.pt are unusable: head.bias contain NaN or inf"),
+    ("pickled code", RuntimeError, r"pickled code.pt are corrupt or not a state_dict \(UnpicklingError"),
+])
+def test_unusable_classifier_weights_say_so(tmp_path, kind, error, message):
+    path = _weights_file(tmp_path, kind)
+    with pytest.raises(error, match=message) as info:
+        metrics.load_classifier(path=path)
+    text = str(info.value)
+    assert "\n" not in text and "bench/train_classifier.py" in text
+    assert "weights_only=False" not in text          # never advise the unsafe load
+    assert not (tmp_path / "code_ran").exists()
+
+
+def test_training_inputs_are_checked_once_before_training():
+    """Images in [0, 1], an empty data set, T = 0, an empty schedule, t out of range: refused at the
+    entry point with the value and what was expected (other kinds are in test_train/test_config)."""
+    from ddpm_tutorial.config import DiffusionConfig
+    from ddpm_tutorial.schedules import NoiseSchedule
+    from ddpm_tutorial.unet import UNet
+    preset = get_preset("quick")
+    with pytest.raises(ValueError, match=r"looks scaled to \[0, 1\].*\(use 2 \* x - 1\)"):
+        build_trainer(preset, torch.rand(8, 1, 28, 28), device="cpu")
+    with pytest.raises(ValueError, match="got 0"):
+        build_trainer(preset, torch.zeros(0, 1, 28, 28), device="cpu")
+    with pytest.raises(ValueError, match="T must be an integer >= 1, got 0"):
+        DiffusionConfig(T=0)
+    with pytest.raises(ValueError, match="betas must be a 1-D tensor"):
+        NoiseSchedule.from_betas(torch.zeros(0, dtype=torch.float64))
+    net = UNet(preset.model, T=1000)
+    for t in ([-1, 3], [3, 1000]):
+        with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\)"):
+            net(torch.zeros(2, 1, 28, 28), torch.tensor(t))
