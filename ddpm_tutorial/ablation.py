@@ -88,7 +88,7 @@ def run_ablation(preset: Preset, data: torch.Tensor, device=None, cache: str | P
     from tqdm.auto import tqdm
     from .checkpoint import load_checkpoint_dict, save_checkpoint
     settings = preset.ablation
-    key = {"ablation": dataclasses.asdict(settings), "diffusion": dataclasses.asdict(preset.diffusion)}
+    key = cache_key(preset)
     done = {}
     if cache and Path(cache).exists():
         stored = load_checkpoint_dict(cache)
@@ -104,6 +104,15 @@ def run_ablation(preset: Preset, data: torch.Tensor, device=None, cache: str | P
                 save_checkpoint(cache, {"key": _plain(key), "results": list(done.values())})
         results.append(done[(name, seed)])
     return results
+
+
+def cache_key(preset: Preset) -> dict:
+    """What a cached run depends on: the recipe, network, sampler and schedule. Not the list of
+    seeds or variants, which only select runs, so adding a seed reuses every run already done."""
+    settings = dataclasses.asdict(preset.ablation)
+    for selector in ("seeds", "variants"):
+        settings.pop(selector)
+    return {"ablation": settings, "diffusion": dataclasses.asdict(preset.diffusion)}
 
 
 def cache_path(preset: Preset) -> Path:

@@ -148,9 +148,14 @@ def test_run_ablation_caches_finished_runs(tmp_path, monkeypatch):
     assert len(calls) == 4                                                 # nothing retrained
     assert [(r["variant"], r["seed"]) for r in again] == [(r["variant"], r["seed"]) for r in first]
 
-    more_seeds = _tiny_ablation_preset(seeds=(0, 1, 2))                    # other settings: a new key
+    more_seeds = _tiny_ablation_preset(seeds=(0, 1, 2))                    # one more seed: only its runs
     ablation.run_ablation(more_seeds, data, cache=cache, progress=False)
-    assert calls[4:] == [("pre", 0), ("post", 0), ("pre", 1), ("post", 1), ("pre", 2), ("post", 2)]
+    assert calls[4:] == [("pre", 2), ("post", 2)]
+
+    other = dataclasses.replace(preset, ablation=dataclasses.replace(
+        preset.ablation, train=dataclasses.replace(preset.ablation.train, lr=preset.ablation.train.lr / 2)))
+    ablation.run_ablation(other, data, cache=cache, progress=False)        # another recipe: a new key
+    assert calls[6:] == [("pre", 0), ("post", 0), ("pre", 1), ("post", 1)]
 
     ablation.run_ablation(preset, data, progress=False)                   # no cache: always trains
     assert len(calls) == 14

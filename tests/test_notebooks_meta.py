@@ -14,7 +14,7 @@ import colab_setup  # noqa: E402
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CHAPTERS = ["01_forward_process", "02_time_embeddings", "03_unet", "04_training", "05_sampling",
-            "06_skip_connection_ablation", "07_guidance"]
+            "06_skip_connection_ablation"]
 
 
 def repo_url() -> str:
