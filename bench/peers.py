@@ -2,16 +2,17 @@
 
 Every factory returns ``(name, model)``. Each model takes x_t (B, 1, 28, 28) and t (B,)
 long in [0, 1000) and returns eps_theta (B, 1, 28, 28); each has ``model.config`` with
-``in_channels`` and ``image_size``, which is all ``ddpm_sample`` / ``ddim_sample`` read.
-(``Trainer`` reads ``model.config`` only to save a checkpoint, which the benchmark never does.)
+``in_channels``, ``image_size`` and ``num_classes`` (0: unconditional), which is all ``Trainer``
+and the samplers read (``Trainer`` also saves it in a checkpoint, which the benchmark does not
+do for peers).
 
-- ``simple_unet()``: the model of the seed tutorial, re-created from its description (the
+- ``simple_unet()``: the model of the original tutorial, re-created from its description (the
   DeepFindr "Diffusion models from scratch in PyTorch" SimpleUnet, 4 widths, grayscale).
 - ``hf_course_unet()``: the diffusers ``UNet2DModel`` of the Hugging Face diffusion
   course's Fashion-MNIST/MNIST units.
 - ``lucidrains_unet()``: ``denoising_diffusion_pytorch.Unet(dim=32, dim_mults=(1, 2, 4))``.
 
-    python bench/peers.py        # prints each peer's parameter count and checks its shapes
+    python bench/peers.py        # prints each installed peer's parameter count and checks its shapes
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ IMAGE_SIZE, CHANNELS = 28, 1
 
 
 def _config() -> SimpleNamespace:
-    """What the samplers read from ``model.config``."""
-    return SimpleNamespace(in_channels=CHANNELS, image_size=IMAGE_SIZE)
+    """What the trainer and the samplers read from ``model.config``."""
+    return SimpleNamespace(in_channels=CHANNELS, image_size=IMAGE_SIZE, num_classes=0)
 
 
 def _check_inputs(x: torch.Tensor, t: torch.Tensor) -> None:
@@ -46,7 +47,7 @@ def _check_inputs(x: torch.Tensor, t: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- SimpleUNet
 
 class SimpleBlock(nn.Module):
-    """The seed tutorial's block: conv3x3 -> ReLU -> BN, + ReLU(Linear(t_emb)), conv3x3 -> ReLU -> BN,
+    """The original tutorial's block: conv3x3 -> ReLU -> BN, + ReLU(Linear(t_emb)), conv3x3 -> ReLU -> BN,
     then a 4x4 stride-2 conv (down: (B, c_in, H, W) -> (B, c_out, H/2, W/2)) or a 4x4 stride-2
     transposed conv (up: (B, 2 c_in, H, W) -> (B, c_out, 2H, 2W); the input is cat(x, skip))."""
 
@@ -61,14 +62,14 @@ class SimpleBlock(nn.Module):
         self.resample = (nn.ConvTranspose2d if up else nn.Conv2d)(c_out, c_out, 4, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.bn1(F.relu(self.conv1(x)))                         # ReLU before BN, as in the seed
+        h = self.bn1(F.relu(self.conv1(x)))                         # ReLU before BN, as in the original
         h = h + F.relu(self.time_proj(temb))[:, :, None, None]      # (B, c_out, 1, 1)
         h = self.bn2(F.relu(self.conv2(h)))
         return self.resample(h)
 
 
 class SimpleUNet(nn.Module):
-    """The seed tutorial's eps_theta. Widths 64-128-256-512: three down blocks 64->128->256->512
+    """The original tutorial's eps_theta. Widths 64-128-256-512: three down blocks 64->128->256->512
     and three up blocks 512->256->128->64, a 32-d sinusoidal time embedding followed by
     Linear+ReLU, a 3x3 stem 1->64 and a 1x1 head 64->1. No residual paths, BatchNorm, no attention.
 
@@ -96,7 +97,7 @@ class SimpleUNet(nn.Module):
         skips = []
         for down in self.downs:                      # 32 -> 16 -> 8 -> 4
             h = down(h, temb)
-            skips.append(h)                          # saved after downsampling, as in the seed
+            skips.append(h)                          # saved after downsampling, as in the original
         for up in self.ups:                          # 4 -> 8 -> 16 -> 32
             h = up(torch.cat([h, skips.pop()], dim=1), temb)
         return self.conv_out(h)[:, :, 2:-2, 2:-2]    # (B, 1, 28, 28)
@@ -155,8 +156,12 @@ PEERS = {"simple-unet": simple_unet, "hf-course": hf_course_unet, "lucidrains": 
 def main():
     from ddpm_tutorial.unet import count_parameters
     x, t = torch.randn(2, CHANNELS, IMAGE_SIZE, IMAGE_SIZE), torch.tensor([0, 999])
-    for factory in PEERS.values():
-        name, model = factory()
+    for key, factory in PEERS.items():
+        try:
+            name, model = factory()
+        except ImportError as err:                   # diffusers / denoising-diffusion-pytorch
+            print(f"{key:12s} not installed ({err}); pip install -e '.[bench]'")
+            continue
         with torch.no_grad():
             out = model(x, t)
         assert out.shape == x.shape, (name, tuple(out.shape))

@@ -7,7 +7,8 @@ and horizontal flips), evaluates once on the 10k test images, fails below 92%
 test accuracy, and writes atomically:
 
 - ``ddpm_tutorial/assets/fmnist_classifier.pt``: a plain float32 state_dict;
-- ``ddpm_tutorial/assets/fmnist_classifier.json``: accuracy, epochs, time, command, hardware.
+- ``ddpm_tutorial/assets/fmnist_classifier.json``: accuracy, epochs, time, and the run record
+  of ``bench/common.py`` (hardware, versions, commit, command).
 
 The number of epochs is fixed in advance; the test split is never used to pick
 a checkpoint (per-epoch test accuracy is only logged).
@@ -18,7 +19,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run without installing the package
+import common                                                   # noqa: E402
 from ddpm_tutorial.data import load_fashion_mnist               # noqa: E402
 from ddpm_tutorial.metrics import WEIGHTS, FashionClassifier    # noqa: E402
 
@@ -128,11 +129,7 @@ def main(argv=None) -> int:
         "shift": args.shift, "seed": args.seed, "train_images": len(x), "test_images": len(x_test),
         "params": sum(p.numel() for p in model.parameters()), "feature_dim": model.head.in_features,
         "seconds": round(seconds, 1), "history": history,
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-        "hardware": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                     "python": platform.python_version(), "platform": platform.platform()},
-    }
+    } | common.run_record("cpu")
     save_atomic(state, record, args.out)
     print(f"wrote {args.out} ({record['bytes'] / 1e6:.2f} MB) and {args.out.with_suffix('.json').name}")
     return 0
