@@ -91,6 +91,15 @@ def check_training_data(data: torch.Tensor, model_cfg: ModelConfig) -> None:
                          "but the model is trained on [-1, 1] (use 2 * x - 1)")
 
 
+def finite_loss(loss: torch.Tensor, step: int) -> float:
+    """The loss as a float (one host sync per step); FloatingPointError when it is NaN or inf."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"training loss became {value} at step {step}; lower the "
+                                 "learning rate (--lr) or check that the data is scaled to [-1, 1]")
+    return value
+
+
 def check_labels(labels: torch.Tensor | None, n: int, num_classes: int) -> torch.Tensor | None:
     """Labels (N,) in [0, num_classes) for a class-conditional model, None for an unconditional one."""
     if not num_classes:
@@ -140,11 +149,11 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             per_sample = loss_simple(self.model, self.schedule, x0, t, eps, reduction="none", y=y)
         loss = per_sample.mean()
-        self.record(loss, t, per_sample)                 # refuses a NaN loss before it reaches the weights
+        value = finite_loss(loss, self.step)             # refuses a NaN loss before it reaches the weights
         self.gradient_step(loss)                         # line 5: a gradient step on the loss
         self.ema.update_parameters(self.model)
-        self.step += 1
-        return self.history.loss[-1]
+        self.record(value, t, per_sample)                # history and step change together, last
+        return value
 
     def draw_batch(self):
         """Algorithm 1, lines 2-4, drawn from a generator seeded by (seed, step):
@@ -174,18 +183,17 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def record(self, loss: torch.Tensor, t: torch.Tensor, per_sample: torch.Tensor) -> None:
-        """Append the loss (one host sync per step) and add each sample's loss to its t bucket."""
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value} at step {self.step}; lower the "
-                                     "learning rate (--lr) or check that the data is scaled to [-1, 1]")
-        self.history.loss.append(value)
+    def record(self, loss: float, t: torch.Tensor, per_sample: torch.Tensor) -> None:
+        """Append the step's loss, add each sample's loss to its t bucket, count the step. Done
+        last in a step, so a Ctrl-C in the middle of a step never leaves the history one ahead."""
         K = self.cfg.num_t_buckets
-        buckets = (t * K // self.schedule.T).cpu()
-        for b, v in zip(buckets.tolist(), per_sample.detach().float().cpu().tolist()):
+        buckets = (t * K // self.schedule.T).cpu().tolist()
+        values = per_sample.detach().float().cpu().tolist()
+        self.history.loss.append(loss)
+        for b, v in zip(buckets, values):
             self.history.t_bucket_sum[b] += v
             self.history.t_bucket_count[b] += 1
+        self.step += 1
 
     def fit(self, steps: int | None = None, progress: bool = True, callback=None,
             checkpoint_path=None, checkpoint_every: int = 0) -> History:
@@ -212,6 +220,7 @@ class Trainer:
                     if callback:
                         callback(self)
         except KeyboardInterrupt:
+            del self.history.loss[self.step:]            # a step cut short inside record()
             self.history.seconds += time.perf_counter() - start
             bar.close()
             if checkpoint_path and self.step > first:
