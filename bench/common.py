@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -85,9 +86,11 @@ def run_record(device) -> dict:
     if _git("status", "--porcelain", "--", "ddpm_tutorial", "bench"):
         commit += " (with uncommitted changes)"
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("diffusers", "denoising_diffusion_pytorch"):   # the peers' libraries, when used
-        if name in sys.modules:
-            versions[name] = getattr(sys.modules[name], "__version__", "?")
+    for name in ("diffusers", "denoising-diffusion-pytorch"):   # the peers' libraries, when installed
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
     script = Path(sys.argv[0]).resolve()
     script = script.relative_to(REPO) if script.is_relative_to(REPO) else script
     return {"hardware": hardware_summary(device), "versions": versions, "commit": commit,

@@ -3,7 +3,7 @@ Prints a markdown table (and JSON with --json); asserts nothing.
 
     python bench/speed.py                                   # every preset
     python bench/speed.py --presets cpu --seconds 20
-    python bench/speed.py --before 9913963 --rounds 3       # that commit's sampling loop against this one
+    python bench/speed.py --before 9913963 --batch 1 --rounds 6    # that commit's sampling loops against these
 
 Training: images/s through whole Algorithm-1 steps (forward, backward, Adam, EMA) at the preset's
 batch size, with the precision ``Trainer`` picks (fp16 autocast on CUDA, fp32 on the CPU).
@@ -13,8 +13,9 @@ the loop's bookkeeping included.
 ``--before REV`` exports the package at commit REV (``git archive``) into a temporary folder and
 times the same sampling loops under it and under the working tree's package, each in its own
 process, alternating (before, after, after, before, ...) so that a change in the machine's load
-hits both; it prints each pair's ratio and their median. Only the ratio means anything on a
-loaded machine. The loops use only functions both versions have.
+hits both; it prints each pair's ratio and their median, by wall clock and by the process's own
+CPU time (on a loaded machine only the CPU-time ratio means much). The loops use only functions
+both versions have.
 """
 from __future__ import annotations
 
@@ -91,6 +92,7 @@ def time_sampling(preset: str, batch: int, methods: list, steps: int, seconds: f
     torch.manual_seed(0)
     model = UNet(get_preset(preset).model).to(device).eval()
     schedule = NoiseSchedule.from_config(DiffusionConfig()).to(device)
+    short = NoiseSchedule.from_config(DiffusionConfig(T=steps)).to(device)     # built once, outside the timing
     x = torch.randn(batch, 1, 28, 28, device=device)
 
     def update():
@@ -98,8 +100,7 @@ def time_sampling(preset: str, batch: int, methods: list, steps: int, seconds: f
             p_sample(schedule, x, torch.full((batch,), i * (1000 // steps), device=device), x, x)
 
     loops = {"ddim": lambda: ddim_sample(model, schedule, batch, steps=steps, device=device, progress=False),
-             "ddpm": lambda: ddpm_sample(model, NoiseSchedule.from_config(DiffusionConfig(T=steps)), batch,
-                                         device=device, progress=False),
+             "ddpm": lambda: ddpm_sample(model, short, batch, device=device, progress=False),
              "update": update}
     rates = {}
     for method in methods:
@@ -150,8 +151,10 @@ def main():
         print(json.dumps(time_sampling(spec["preset"], spec["batch"], spec["methods"], spec["steps"],
                                        spec["seconds"], spec["device"])))
         return
+    from ddpm_tutorial.config import PRESETS
+    from ddpm_tutorial.unet import UNet, count_parameters
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["quick", "cpu", "gpu"])
+    p.add_argument("--presets", nargs="+", choices=list(PRESETS), help="default: every preset (with --before: cpu)")
     p.add_argument("--seconds", type=float, default=15.0, help="timed seconds per measurement")
     p.add_argument("--batch", type=int, default=64, help="images per sampling call")
     p.add_argument("--steps", type=int, default=10, help="sampling steps per timed call")
@@ -161,6 +164,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="with --before: alternated pairs of timings")
     common.add_run_args(p)
     args = p.parse_args()
+    args.presets = args.presets or (["cpu"] if args.before else list(PRESETS))
     device = common.setup(args)
     record = common.run_record(device)
     common.print_header([record])
@@ -168,8 +172,6 @@ def main():
         result = compare(args, device) | record
         print_comparison(result)
         return common.write_json(args.json, {"comparisons": [result]})
-    from ddpm_tutorial.config import PRESETS
-    from ddpm_tutorial.unet import UNet, count_parameters
     rows = []
     for name in args.presets:
         preset = PRESETS[name]
