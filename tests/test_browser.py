@@ -6,20 +6,14 @@ sliders (and the book) must work offline.
 """
 from __future__ import annotations
 
-import functools
-import threading
-from contextlib import contextmanager
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
 
 from ddpm_tutorial.widgets import slider_html
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+from browser_support import CHROMIUM, launch, serve
+
 SLIDER = "[data-ddpm-slider]"  # what ddpm_tutorial.widgets puts on each slider's root
 
 pytestmark = [
@@ -38,10 +32,7 @@ STATE = """r => {
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
+    yield from launch(sync_api)
 
 
 class WatchedPage:
@@ -66,22 +57,6 @@ class WatchedPage:
 
     def close(self):
         self.context.close()
-
-
-@contextmanager
-def serve(folder: Path):
-    """Serve ``folder`` on 127.0.0.1 at a free port; yields the base URL."""
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def drag(page, root, start: float, end: float, steps: int) -> list[dict]:

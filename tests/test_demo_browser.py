@@ -9,15 +9,11 @@ Debian's /usr/bin/chromium is used; Playwright never downloads a browser.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 import statistics
-import threading
 import time
-from contextlib import contextmanager
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +23,8 @@ import torch
 from ddpm_tutorial.checkpoint import model_from_checkpoint
 from ddpm_tutorial.sampling import ddim_sample
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+from browser_support import CHROMIUM, launch, serve
+
 PAGE = "book/try_it.html"
 N = 8   # images per batch on the page
 
@@ -38,26 +33,6 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
 ]
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is missing")
-
-
-@contextmanager
-def serve(folder: Path):
-    """Serve ``folder`` on 127.0.0.1 at a free port (with the MIME types ONNX Runtime Web needs:
-    its loader is an ES module, .mjs, and WebAssembly streams only as application/wasm)."""
-    class Handler(SimpleHTTPRequestHandler):
-        extensions_map = {**SimpleHTTPRequestHandler.extensions_map,
-                          ".mjs": "text/javascript", ".wasm": "application/wasm"}
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +54,7 @@ def site(built_book):
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
+    yield from launch(sync_api)
 
 
 class DemoPage:
