@@ -17,11 +17,12 @@ import dataclasses
 import itertools
 import math
 import time
+import typing
 from pathlib import Path
 
 import torch
 
-from .config import AblationConfig, ModelConfig, Preset
+from .config import AblationConfig, DiffusionConfig, ModelConfig, Preset
 from .metrics import sample_quality
 from .sampling import ddim_sample
 from .train import build_trainer
@@ -92,7 +93,7 @@ def run_ablation(preset: Preset, data: torch.Tensor, device=None, cache: str | P
     done = {}
     if cache and Path(cache).exists():
         stored = load_checkpoint_dict(cache)
-        if stored.get("key") == _plain(key):
+        if _canonical(stored.get("key", {})) == key:
             done = {(r["variant"], r["seed"]): r for r in stored["results"]}
     variants = variant_configs(settings)
     jobs = [(name, cfg, seed) for seed in settings.seeds for name, cfg in variants.items()]
@@ -101,23 +102,47 @@ def run_ablation(preset: Preset, data: torch.Tensor, device=None, cache: str | P
         if (name, seed) not in done:
             done[(name, seed)] = run_variant(preset, name, cfg, seed, data, device)
             if cache:
-                save_checkpoint(cache, {"key": _plain(key), "results": list(done.values())})
+                save_checkpoint(cache, {"key": key, "results": list(done.values())})
         results.append(done[(name, seed)])
     return results
 
 
 def cache_key(preset: Preset) -> dict:
     """What a cached run depends on: the recipe, network, sampler and schedule. Not the list of
-    seeds or variants, which only select runs, so adding a seed reuses every run already done."""
+    seeds or variants, which only select runs, so adding a seed reuses every run already done.
+    Fields at their default are left out (:func:`_canonical`), so a config field added in a
+    later version, at its default, does not invalidate runs cached before it existed."""
     settings = dataclasses.asdict(preset.ablation)
     for selector in ("seeds", "variants"):
         settings.pop(selector)
-    return {"ablation": settings, "diffusion": dataclasses.asdict(preset.diffusion)}
+    return _canonical({"ablation": settings, "diffusion": dataclasses.asdict(preset.diffusion)})
 
 
 def cache_path(preset: Preset) -> Path:
     """Where chapter 06 and ``tools/run_ablation.py`` keep a preset's finished runs (ignored by git)."""
     return Path("runs") / f"ablation_{preset.name}.pt"
+
+
+_KEY_TYPES = {"ablation": AblationConfig, "diffusion": DiffusionConfig}
+
+
+def _canonical(key: dict, types: dict | None = None) -> dict:
+    """A cache key (a stored one too) as plain values without the fields that equal their
+    dataclass default; nested configs (``ablation.model``, ``ablation.train``) likewise."""
+    types = _KEY_TYPES if types is None else types
+    out = {}
+    for name, value in key.items():
+        cls = types.get(name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(cls):
+            hints = typing.get_type_hints(cls)
+            nested = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+            defaults = {f.name: _plain(f.default) for f in dataclasses.fields(cls)
+                        if f.default is not dataclasses.MISSING}
+            value = _canonical(value, nested)
+            out[name] = {k: v for k, v in value.items() if k not in defaults or v != defaults[k]}
+        else:
+            out[name] = _plain(value)
+    return out
 
 
 def _plain(obj):

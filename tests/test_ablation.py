@@ -131,6 +131,22 @@ def _tiny_ablation_preset(**ablation_fields):
     return dataclasses.replace(quick, ablation=dataclasses.replace(quick.ablation, **fields))
 
 
+def test_cache_key_ignores_fields_at_their_default_so_new_fields_keep_old_runs():
+    """A key stored in full by an older version (every field, one field that no longer exists
+    at a non-default value aside) matches when only defaults differ, and not when a value does."""
+    preset = get_preset("cpu")
+    key = ablation.cache_key(preset)
+    stored = ablation._plain({"ablation": {k: v for k, v in dataclasses.asdict(preset.ablation).items()
+                                           if k not in ("seeds", "variants")},
+                              "diffusion": dataclasses.asdict(preset.diffusion)})
+    assert ablation._canonical(stored) == key
+    del stored["ablation"]["train"]["p_uncond"]            # a field the older version did not have
+    assert ablation._canonical(stored) == key
+    stored["ablation"]["train"]["lr"] = 3e-3                # another recipe: another key
+    assert ablation._canonical(stored) != key
+    assert key["ablation"]["train"]["steps"] == preset.ablation.train.steps   # non-defaults are kept
+
+
 def test_run_ablation_caches_finished_runs(tmp_path, monkeypatch):
     calls = []
 
