@@ -52,6 +52,7 @@ def build(setup: str, recipe: str | None, sets: dict, data, labels, device):
     from ddpm_tutorial.train import Trainer, build_trainer
     if setup in OURS:
         preset = PRESETS[OURS[setup]]
+        preset = dataclasses.replace(preset, diffusion=with_sets(preset.diffusion, sets))
         train = with_sets(preset.train, sets)
         x = data[:train.subset] if train.subset else data
         return build_trainer(preset, x, device, model=with_sets(preset.model, sets), train=train,
@@ -133,7 +134,8 @@ def run_setup(setup: str, recipe: str | None, args, data, labels, device) -> dic
     common.log(f"[{name}] FD {common.fd_cell(quality)}")
     loss = trainer.history.loss[-100:]
     result = {"name": name, "setup": setup, "recipe": recipe or "preset", "params": count_parameters(trainer.model),
-              "train": dataclasses.asdict(trainer.cfg), "steps_done": trainer.step, "budget": budget,
+              "train": dataclasses.asdict(trainer.cfg),
+              "diffusion": dataclasses.asdict(trainer.diffusion_cfg), "steps_done": trainer.step, "budget": budget,
               "train_seconds": seconds, "images_per_s": trainer.step * cfg.batch_size / seconds,
               "final_loss": sum(loss) / len(loss), "sample_seconds": sample_s, "ddim_steps": args.ddim_steps,
               "seed": args.seed, "sampled_from": args.sample_from, "bn_refreshed": bn_refreshed,
@@ -183,7 +185,7 @@ def main():
     p.add_argument("--peer-recipe", nargs="+", choices=("paper", "ours"), default=["paper"],
                    help="the peers' training recipe; both: each peer twice (issue 14, item 3)")
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                   help="replace TrainConfig fields (every set-up) or ModelConfig fields (ours-*)")
+                   help="replace TrainConfig fields (every set-up) or ModelConfig / DiffusionConfig fields (ours-*)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, default=15.0, help="wall-clock training budget per set-up")
     budget.add_argument("--steps", type=int, help="a budget in optimiser steps instead (reproducible)")
@@ -197,12 +199,13 @@ def main():
     args = p.parse_args()
     if args.from_json:
         return print_results(common.read_json(args.from_json))
-    from ddpm_tutorial.config import ModelConfig, TrainConfig
+    from ddpm_tutorial.config import DiffusionConfig, ModelConfig, TrainConfig
     from ddpm_tutorial.data import load_fashion_mnist
     args.set = dict(item.partition("=")[::2] for item in args.set)
-    fields = {f.name for c in (ModelConfig, TrainConfig) for f in dataclasses.fields(c)} - {"steps"}
+    fields = {f.name for c in (ModelConfig, TrainConfig, DiffusionConfig) for f in dataclasses.fields(c)} - {"steps"}
     if set(args.set) - fields or "" in args.set.values():
-        p.error(f"--set takes FIELD=VALUE of ModelConfig or TrainConfig (the budget sets 'steps'), got {args.set}")
+        p.error(f"--set takes FIELD=VALUE of ModelConfig, TrainConfig or DiffusionConfig (the budget sets 'steps'), "
+                f"got {args.set}")
     device = common.setup(args)
     setups = args.setups or [s for s in SETUPS if s != "ours-gpu" or device.type == "cuda"]
     runs = [(s, None) for s in setups if s in OURS] + [(s, r) for s in setups if s not in OURS for r in args.peer_recipe]

@@ -3,6 +3,8 @@
 One switch picks the preset (DESIGN.md section 4): ``DDPM_QUICK=1`` forces
 ``quick`` (CI: a chapter runs in about a minute on 2 CPU cores); otherwise
 ``gpu`` when CUDA is available (the Colab T4 target) and ``cpu`` when not.
+``cifar`` (32x32 RGB) and ``rgb64`` (64x64 RGB) are for your own images and are only
+used when named (``train --preset cifar --images DIR``); the switch never picks them.
 
 Defaults are the paper's (Ho et al. 2020): T=1000, linear betas 1e-4..0.02,
 eps prediction, sigma_t^2 = beta_t. Every deviation is a named field here.
@@ -20,6 +22,8 @@ import torch
 SKIP_MODES = ("pre", "post", "none")
 SCHEDULES = ("linear", "cosine")     # schedules.make_schedule builds each of these
 LR_DECAYS = ("constant", "cosine")
+PRECISIONS = ("fp16", "bf16", "fp32")  # autocast dtype on CUDA; the CPU always trains in fp32
+LOSS_WEIGHTS = ("simple", "min_snr")   # diffusion.loss_weight builds each of these
 
 
 def _fail(message: str) -> None:
@@ -111,6 +115,12 @@ class TrainConfig:
     num_t_buckets: int = 10       # loss is also tracked per bucket of t
     p_uncond: float = 0.1         # class-conditional models: label dropped (-> null class) with this
                                   # probability, so one network also learns eps_theta(x_t, null)
+    hflip: bool = False           # mirror each image left-right with probability 1/2 (the paper, CIFAR-10)
+    precision: str = "fp16"       # CUDA autocast: "fp16" (+ loss scaling; a T4 has no bf16), "bf16", "fp32"
+    loss_weight: str = "simple"   # "simple": L_simple (the paper); "min_snr": Hang et al. 2023
+    min_snr_gamma: float = 5.0    # min_snr: the SNR at which the weight is capped
+    ema_power: float = 0.0        # 0: EMA with a fixed ema_decay; > 0: the power-function EMA of
+                                  # Karras et al. 2024 with this exponent gamma (ema_decay unused)
 
     def __post_init__(self):
         if self.lr_decay not in LR_DECAYS:
@@ -133,6 +143,14 @@ class TrainConfig:
             _fail(f"num_t_buckets must be >= 1, got {self.num_t_buckets}")
         if not 0.0 <= self.p_uncond < 1.0:
             _fail(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        if self.precision not in PRECISIONS:
+            _fail(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.loss_weight not in LOSS_WEIGHTS:
+            _fail(f"loss_weight must be one of {LOSS_WEIGHTS}, got {self.loss_weight!r}")
+        if not 0 < self.min_snr_gamma < float("inf"):
+            _fail(f"min_snr_gamma must be a finite number > 0, got {self.min_snr_gamma}")
+        if not 0.0 <= self.ema_power < float("inf"):
+            _fail(f"ema_power must be a finite number >= 0 (0: fixed ema_decay), got {self.ema_power}")
 
 
 @dataclass(frozen=True)
@@ -210,6 +228,43 @@ PRESETS = {
                                                   lr_decay="cosine", ema_decay=0.995),
                                 n_samples=500, ddim_steps=50),
         description="a Colab T4 GPU, about 10 minutes of training (estimated)",
+        n_metric=1000, ddim_steps=100),
+    # The next step up (book/scaling_up.md): your own colour images, one consumer GPU or many.
+    # The paper's CIFAR-10 U-Net (128 channels, mults 1-2-2-2, 2 blocks, dropout 0.1, 35.7M
+    # parameters, 800k steps on a TPU v3-8) at 96 channels with attention at the lowest level only:
+    # 12.6M parameters, 4.7 GFLOP per 32x32 image forward (FlopCounterMode). A training step at
+    # batch 128 is about 3 x 4.7 x 128 = 1.8 TFLOP, so 200k steps are about 3.4 GPU-hours at an
+    # assumed 30 TFLOP/s sustained (an estimate, not a measurement: book/scaling_up.md).
+    "cifar": Preset(
+        "cifar",
+        model=ModelConfig(image_size=32, in_channels=3, base_channels=96, channel_mults=(1, 2, 2, 2),
+                          num_res_blocks=2, attention=True, dropout=0.1),
+        diffusion=DiffusionConfig(),
+        train=TrainConfig(steps=200_000, batch_size=128, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
+                          hflip=True, precision="bf16"),
+        ablation=AblationConfig(
+            model=ModelConfig(image_size=32, in_channels=3, base_channels=48, channel_mults=(1, 2, 2, 2)),
+            train=TrainConfig(steps=20_000, batch_size=128, lr=5e-4, warmup_steps=1000, lr_decay="cosine",
+                              ema_decay=0.999, hflip=True, precision="bf16"),
+            n_samples=500, ddim_steps=50),
+        description="32x32 RGB (CIFAR-10 sized), one consumer GPU, about 3.4 GPU-hours (estimated)",
+        n_metric=1000, ddim_steps=100),
+    # 64x64 RGB: 64 channels, mults 1-2-2-4 (64 -> 32 -> 16 -> 8), attention at 8x8: 9.8M parameters,
+    # 9.2 GFLOP per image forward; batch 64: about 1.8 TFLOP a step, 200k steps about 3.3 GPU-hours
+    # at the same assumed 30 TFLOP/s (an estimate).
+    "rgb64": Preset(
+        "rgb64",
+        model=ModelConfig(image_size=64, in_channels=3, base_channels=64, channel_mults=(1, 2, 2, 4),
+                          num_res_blocks=2, attention=True, dropout=0.1),
+        diffusion=DiffusionConfig(),
+        train=TrainConfig(steps=200_000, batch_size=64, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
+                          hflip=True, precision="bf16"),
+        ablation=AblationConfig(
+            model=ModelConfig(image_size=64, in_channels=3, base_channels=32, channel_mults=(1, 2, 2, 4)),
+            train=TrainConfig(steps=20_000, batch_size=64, lr=5e-4, warmup_steps=1000, lr_decay="cosine",
+                              ema_decay=0.999, hflip=True, precision="bf16"),
+            n_samples=500, ddim_steps=50),
+        description="64x64 RGB, one consumer GPU, about 3.3 GPU-hours (estimated)",
         n_metric=1000, ddim_steps=100),
 }
 

@@ -146,6 +146,25 @@ def bound_weight(schedule: NoiseSchedule, sigma2: torch.Tensor | None = None) ->
     return beta ** 2 / (2 * sigma2 * alpha * (1 - alpha_bar))
 
 
+def loss_weight(schedule: NoiseSchedule, kind: str = "simple", gamma: float = 5.0) -> torch.Tensor:
+    """The weight of each timestep's ||eps - eps_theta||^2 in the training loss: (T,) float32.
+
+        simple:   w_t = 1                            (L_simple, Eq. 14: the paper)
+        min_snr:  w_t = min(SNR_t, gamma) / SNR_t    (Min-SNR-gamma, Hang et al. 2023)
+
+    with SNR_t = bar-alpha_t / (1 - bar-alpha_t). For eps-prediction, min_snr is the x_0-loss
+    weight min(SNR_t, gamma) rewritten in eps (||x_0 - hat-x_0||^2 = ||eps - eps_theta||^2 / SNR_t):
+    1 at the noisy timesteps (SNR < gamma), down-weighted where SNR is large, i.e. the nearly
+    clean images whose denoising L_simple spends much of its gradient on.
+    """
+    if kind == "simple":
+        return torch.ones_like(schedule.alpha_bar)
+    if kind == "min_snr":
+        snr = schedule.snr
+        return (snr.clamp(max=gamma) / snr).float()
+    raise ValueError(f"loss weight must be 'simple' or 'min_snr', got {kind!r}")
+
+
 def loss_simple(model, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor | None = None,
                 eps: torch.Tensor | None = None, generator: torch.Generator | None = None,
                 reduction: str = "mean", y: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,22 +8,34 @@
 Each step's batch, t and eps come from a generator seeded by (seed, step), so a
 run is reproducible, resuming continues the very same sequence, and every model
 trained with one seed sees the same data order (the ablation relies on that).
+
+The same loop runs on one process or on many started by torchrun (distributed.py): the
+seeded draw gives the *global* batch of ``batch_size`` images, rank r of W computes on its
+slice r of W, DistributedDataParallel averages the gradients, so every rank takes the same
+step and W processes train the same run as one (up to float summation order). Rank 0 alone
+logs, saves and shows progress.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import configs_from_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import DiffusionConfig, ModelConfig, Preset, TrainConfig, resolve_device
-from .diffusion import check_images, loss_simple
+from .diffusion import check_images, loss_simple, loss_weight
 from .schedules import NoiseSchedule
 
 
@@ -61,6 +73,25 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def ema_update(cfg: TrainConfig):
+    """The EMA's update of its weights after each step, for ``AveragedModel(multi_avg_fn=...)``:
+
+        hat-theta <- beta hat-theta + (1 - beta) theta,  beta = ema_decay              (fixed)
+        beta_n = (1 - 1/n)^(gamma + 1) after the n-th step, gamma = ema_power      (Karras et al. 2024)
+
+    The power-function EMA averages over a window that grows with training (about the last
+    n / (gamma + 1) steps), so a short run is not stuck with its early weights, which a fixed
+    decay keeps for about 1 / (1 - beta) steps."""
+    if not cfg.ema_power:
+        return get_ema_multi_avg_fn(cfg.ema_decay)
+
+    @torch.no_grad()
+    def power_ema(averaged: list, current: list, num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged) + 1             # this is the n-th weight averaged (the first is copied)
+        torch._foreach_lerp_(averaged, current, 1 - (1 - 1 / n) ** (cfg.ema_power + 1))
+    return power_ema
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
@@ -79,11 +110,37 @@ def batch_indices(n_data: int, batch_size: int, seed: int, step: int) -> torch.T
     return perm[k * batch_size:(k + 1) * batch_size] if n_data >= batch_size else perm
 
 
-def check_training_data(data: torch.Tensor, model_cfg: ModelConfig) -> None:
+class ShardSampler(torch.utils.data.Sampler):
+    """The batch sampler of the streamed path (a folder too large for memory): for step
+    ``start``, ``start + 1``, ... it yields rank ``rank``'s slice of :func:`batch_indices`,
+    the same global batches the in-memory path draws, cut in ``world`` equal, disjoint shards.
+
+    Not torch's DistributedSampler: that one deals an epoch out round-robin and restarts
+    at an epoch boundary, so a run resumed mid-epoch, or under another world size, would see
+    other batches. This one is a function of (seed, step) alone."""
+
+    def __init__(self, n_data: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.n_data, self.batch_size, self.seed, self.start = n_data, batch_size, seed, start
+        self.rank, self.world = rank, world
+
+    def __iter__(self):
+        for step in itertools.count(self.start):
+            idx = batch_indices(self.n_data, self.batch_size, self.seed, step)
+            b = len(idx) // self.world
+            yield idx[self.rank * b:(self.rank + 1) * b].tolist()
+
+
+def check_training_data(data, model_cfg: ModelConfig) -> None:
     """Raise unless ``data`` is float (N, C, H, W) in [-1, 1] that fits the model, N >= 1, and
-    not all >= 0 (images scaled to [0, 1] by mistake).
+    not all >= 0 (images scaled to [0, 1] by mistake); or an image folder dataset
+    (data.ImageFolder) whose images have the model's shape.
     Checked once, before training, so a long run never starts on data it cannot use."""
     shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "image_shape"):
+        if tuple(data.image_shape) != shape or len(data) < 1:
+            raise ValueError(f"training images must have shape (B, {', '.join(map(str, shape))}), the folder "
+                             f"gives {len(data)} of {tuple(data.image_shape)}")
+        return
     check_images(data, "training data", shape=shape, in_range=True, min_count=1)
     lo = data.min().item()
     if lo >= 0 and len(data) > 1:
@@ -120,56 +177,119 @@ def check_labels(labels: torch.Tensor | None, n: int, num_classes: int) -> torch
 class Trainer:
     """Holds model, EMA, optimiser and history so training can stop, save and resume.
 
-    ``data``: the training images, float (N, C, H, W) in [-1, 1], validated once here.
-    Build one from a preset with :func:`build_trainer`.
+    ``data``: the training images, float (N, C, H, W) in [-1, 1], validated once here, or an
+    image folder too large for memory (data.ImageFolder), streamed by a DataLoader with
+    ``loader_workers`` processes. Build one from a preset with :func:`build_trainer`.
+
+    Under torchrun (a process group is initialised: distributed.init) the model is wrapped in
+    DistributedDataParallel and each rank computes ``batch_size / world_size`` of every batch.
     """
 
-    def __init__(self, model, data: torch.Tensor, train: TrainConfig,
-                 diffusion: DiffusionConfig | None = None, device=None, labels: torch.Tensor | None = None):
+    def __init__(self, model, data, train: TrainConfig,
+                 diffusion: DiffusionConfig | None = None, device=None, labels: torch.Tensor | None = None,
+                 loader_workers: int = 2):
         check_training_data(data, model.config)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        if train.batch_size % self.world:
+            raise ValueError(f"the batch size {train.batch_size} is the global batch, split evenly among the "
+                             f"{self.world} processes; choose a multiple of {self.world}")
+        if self.world > 1 and len(data) < train.batch_size:
+            raise ValueError(f"{len(data)} training images are fewer than one global batch of {train.batch_size}; "
+                             "use more images or a smaller --batch-size")
         self.labels = check_labels(labels, len(data), model.config.num_classes)
         self.device = resolve_device(device)
         self.cfg, self.diffusion_cfg = train, diffusion or DiffusionConfig()
         self.schedule = NoiseSchedule.from_config(self.diffusion_cfg).to(self.device)
         self.data = data
+        self.loader_workers, self._stream = loader_workers, None
         self.model = model.to(self.device)
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(train.ema_decay))
+        # What computes the loss: the model itself, or its DDP wrapper, which all-reduces the
+        # gradients during backward (the model's weights and optimiser stay those of self.model).
+        self.net = self.model if self.world == 1 else DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(train))
+        self.weight = loss_weight(self.schedule, train.loss_weight, train.min_snr_gamma)   # (T,): ones = L_simple
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.lr)
-        # fp16 autocast with loss scaling on CUDA (a T4 has fast fp16, no bf16); fp32 on the CPU.
-        self.amp = self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        # Autocast on CUDA only: fp16 with loss scaling (a T4 has fast fp16, no bf16) or bf16 (its
+        # range is fp32's: no scaling); fp32 on the CPU, where autocast would only slow training.
+        self.amp = self.device.type == "cuda" and train.precision != "fp32"
+        self.amp_dtype = torch.bfloat16 if train.precision == "bf16" else torch.float16
+        if self.amp and self.amp_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(False):
+            distributed.print0(f"{torch.cuda.get_device_name(self.device)} has no bf16: training in fp16 instead")
+            self.amp_dtype = torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.step = 0
+        self.last_checkpoint = None       # (path, step) of the last save every rank knows is complete
         self.history = History(t_bucket_sum=[0.0] * train.num_t_buckets,
                                t_bucket_count=[0] * train.num_t_buckets)
 
     def train_step(self) -> float:
-        """Algorithm 1, one iteration. Returns the batch's L_simple."""
+        """Algorithm 1, one iteration. Returns the batch's loss (L_simple unless cfg.loss_weight)."""
         x0, t, eps, y = self.draw_batch()                # lines 2-4: x_0 ~ q(x_0), t ~ U, eps ~ N(0, I)
         self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            per_sample = loss_simple(self.model, self.schedule, x0, t, eps, reduction="none", y=y)
-        loss = per_sample.mean()
-        value = finite_loss(loss, self.step)             # refuses a NaN loss before it reaches the weights
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            per_sample = loss_simple(self.net, self.schedule, x0, t, eps, reduction="none", y=y)
+        loss = (self.weight[t] * per_sample).mean()     # L_simple: every weight is 1
+        value = finite_loss(self._global_mean(loss), self.step)   # refuses a NaN loss before it reaches the weights
         self.gradient_step(loss)                         # line 5: a gradient step on the loss
-        self.ema.update_parameters(self.model)
-        self.record(value, t, per_sample)                # history and step change together, last
+        self.ema.update_parameters(self.model)           # same weights on every rank: the same EMA
+        self.record(value, *self._gather(t, per_sample))    # history and step change together, last
         return value
+
+    def _global_mean(self, loss: torch.Tensor) -> torch.Tensor:
+        """The whole global batch's mean loss, on every rank (equal shards: the mean of the ranks'
+        means), so all ranks refuse a NaN together; the loss itself with one process."""
+        if self.world == 1:
+            return loss
+        total = loss.detach().float().clone()
+        dist.all_reduce(total)                           # SUM (gloo has no AVG)
+        return total / self.world
+
+    def _gather(self, t: torch.Tensor, per_sample: torch.Tensor):
+        """(t, per-sample loss) of the whole global batch, in rank order, for the history."""
+        if self.world == 1:
+            return t, per_sample
+        pairs = torch.stack([t.float(), per_sample.detach().float()])       # (2, b)
+        parts = [torch.empty_like(pairs) for _ in range(self.world)]
+        dist.all_gather(parts, pairs)
+        both = torch.cat(parts, dim=1)                                      # (2, B)
+        return both[0].long(), both[1]
 
     def draw_batch(self):
         """Algorithm 1, lines 2-4, drawn from a generator seeded by (seed, step):
         x0 (B, C, H, W), t (B,) code indices in [0, T), eps (B, C, H, W), on the device, and
         for a class-conditional model the labels y (B,), each replaced by the null class with
-        probability p_uncond (Ho & Salimans 2022); y is None for an unconditional model."""
+        probability p_uncond (Ho & Salimans 2022); y is None for an unconditional model.
+        The global batch is drawn; this rank keeps its shard ``mine`` (all of it in one process).
+        With ``hflip`` each image is mirrored with probability 1/2, also drawn from the generator."""
         g = step_generator(self.cfg.seed, self.step)
-        idx = batch_indices(len(self.data), self.cfg.batch_size, self.cfg.seed, self.step)
-        x0 = self.data[idx]
-        t = torch.randint(0, self.schedule.T, (x0.shape[0],), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
+        idx = batch_indices(len(self.data), self.cfg.batch_size, self.cfg.seed, self.step)   # global (B,)
+        B, cfg = len(idx), self.model.config
+        b = B // self.world
+        mine = slice(self.rank * b, (self.rank + 1) * b)
+        t = torch.randint(0, self.schedule.T, (B,), generator=g)
+        eps = torch.randn((B, cfg.in_channels, cfg.image_size, cfg.image_size), generator=g)
         y = None
         if self.labels is not None:
-            drop = torch.rand(x0.shape[0], generator=g) < self.cfg.p_uncond
-            y = torch.where(drop, self.model.config.num_classes, self.labels[idx]).to(self.device)
-        return x0.to(self.device), t.to(self.device), eps.to(self.device), y
+            drop = torch.rand(B, generator=g) < self.cfg.p_uncond
+            y = torch.where(drop[mine], cfg.num_classes, self.labels[idx[mine]]).to(self.device)
+        x0 = self.data[idx[mine]] if isinstance(self.data, torch.Tensor) else self._streamed_batch()
+        if self.cfg.hflip:
+            flip = (torch.rand(B, generator=g) < 0.5)[mine]
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        return x0.to(self.device), t[mine].to(self.device), eps[mine].to(self.device), y
+
+    def _streamed_batch(self) -> torch.Tensor:
+        """This rank's images of step ``self.step`` from a folder on disk: a DataLoader whose
+        workers decode ahead, restarted (at the current step) after a resume or a repeated draw."""
+        if self._stream is None or self._stream_step != self.step:
+            sampler = ShardSampler(len(self.data), self.cfg.batch_size, self.cfg.seed, self.step,
+                                   self.rank, self.world)
+            loader = torch.utils.data.DataLoader(self.data, batch_sampler=sampler, num_workers=self.loader_workers,
+                                                 pin_memory=self.device.type == "cuda")
+            self._stream, self._stream_step = iter(loader), self.step
+        self._stream_step += 1
+        return next(self._stream)
 
     def gradient_step(self, loss: torch.Tensor) -> None:
         """Adam on the loss, with the preset's learning-rate schedule and gradient clipping
@@ -202,38 +322,71 @@ class Trainer:
         runs at the same moments (e.g. to plot). Nothing is saved when no step ran.
 
         Ctrl-C (KeyboardInterrupt) saves a resumable checkpoint first, then re-raises.
+        With several processes, rank 0 alone saves, shows progress and runs ``callback``; a
+        failure on any rank (a peer died, a collective broke, SIGTERM) raises
+        distributed.PeerFailure naming the last complete checkpoint to resume from.
         """
         steps = self.cfg.steps if steps is None else steps
         if checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0: only at the end), got {checkpoint_every}")
-        first, start = self.step, time.perf_counter()
-        bar = tqdm(range(self.step, steps), desc="training", disable=not progress,
+        first, start, main = self.step, time.perf_counter(), distributed.is_main()
+        bar = tqdm(range(self.step, steps), desc="training", disable=not progress or not main,
                    initial=self.step, total=steps, mininterval=2.0)
         try:
-            for _ in bar:
-                loss = self.train_step()
-                if self.step % 25 == 0:
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                if checkpoint_every and self.step % checkpoint_every == 0:
-                    if checkpoint_path:
-                        self.save(checkpoint_path)
-                    if callback:
-                        callback(self)
+            with distributed.sigterm_raises() if self.world > 1 else contextlib.nullcontext():
+                for _ in bar:
+                    loss = self.train_step()
+                    if self.step % 25 == 0:
+                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    if checkpoint_every and self.step % checkpoint_every == 0:
+                        if checkpoint_path:
+                            self._checkpoint(checkpoint_path)
+                        if callback and main:
+                            callback(self)
         except KeyboardInterrupt:
             del self.history.loss[self.step:]            # a step cut short inside record()
             self.history.seconds += time.perf_counter() - start
             bar.close()
-            if checkpoint_path and self.step > first:
+            if checkpoint_path and self.step > first and main:
                 self.save(checkpoint_path)
                 print(f"interrupted at step {self.step}: saved a resumable checkpoint to {checkpoint_path}")
             raise
+        except Exception as err:
+            bar.close()
+            if self.world == 1 or isinstance(err, FloatingPointError):   # every rank raised the same
+                raise
+            raise self._stopped(err) from err
+        finally:
+            self._stream = None                          # stop the loader's workers
         bar.close()
         self.history.seconds += time.perf_counter() - start
         if checkpoint_path and self.step > first:
-            self.save(checkpoint_path)
-        if callback:
+            self._checkpoint(checkpoint_path)
+        if callback and main:
             callback(self)
         return self.history
+
+    def _checkpoint(self, path) -> None:
+        """Rank 0 saves (atomically); then every rank waits for it, so all know the last good file."""
+        if distributed.is_main():
+            self.save(path)
+        distributed.barrier()
+        self.last_checkpoint = (Path(path), self.step)
+
+    def _stopped(self, err: BaseException) -> distributed.PeerFailure:
+        """One line for a rank that cannot go on: what happened, and the checkpoint to resume from."""
+        text = " ".join(str(err).split()) or type(err).__name__
+        collective = isinstance(err, (distributed.PeerFailure, dist.DistError)) or any(
+            word in text for word in ("gloo", "NCCL", "Connection", "connection", "peer"))
+        what = (f"another process of the job stopped or lost its connection ({text[:200]})" if collective
+                else f"{type(err).__name__}: {text[:300]}")
+        if self.last_checkpoint:
+            path, step = self.last_checkpoint
+            where = f"the last checkpoint is {path} (step {step}); resume from it with --resume {path}"
+        else:
+            where = "no checkpoint was written yet in this run (lower --save-every to save more often)"
+        return distributed.PeerFailure(f"rank {self.rank} of {self.world} stopped at step {self.step}: {what}; "
+                                       + where)
 
     def state(self, include_optimizer: bool = True) -> dict:
         model_cfg = self.model.config
@@ -251,6 +404,9 @@ class Trainer:
         return state
 
     def save(self, path, include_optimizer: bool = True):
+        """Write a checkpoint (atomically); with several processes only rank 0 writes (None elsewhere)."""
+        if not distributed.is_main():
+            return None
         return save_checkpoint(path, self.state(include_optimizer))
 
     def resume(self, path) -> "Trainer":
@@ -269,12 +425,13 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = ckpt["step"]
         self.history = History(**ckpt["history"])
+        self.last_checkpoint, self._stream = (Path(path), self.step), None
         return self
 
 
-def build_trainer(preset: Preset, data: torch.Tensor | None = None, device=None,
+def build_trainer(preset: Preset, data=None, device=None,
                   model: ModelConfig | None = None, train: TrainConfig | None = None,
-                  labels: torch.Tensor | None = None) -> Trainer:
+                  labels: torch.Tensor | None = None, loader_workers: int = 2) -> Trainer:
     """The one way to assemble a :class:`Trainer`: the preset's configs (``model`` / ``train``
     replace them, e.g. for the ablation's variants), weights initialised from ``train.seed``
     (the same seed gives the same initial network), Fashion-MNIST loaded when ``data`` is None
@@ -288,4 +445,4 @@ def build_trainer(preset: Preset, data: torch.Tensor | None = None, device=None,
     if data is None:
         data, labels = load_fashion_mnist(train=True, subset=train.subset)
     return Trainer(net, data, train, preset.diffusion, device,
-                   labels=labels if model.num_classes else None)
+                   labels=labels if model.num_classes else None, loader_workers=loader_workers)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ddpm_tutorial.diffusion import (RANGE_TOL, check_images, eps_posterior_mean, loss_simple, p_sample,
+from ddpm_tutorial.diffusion import (RANGE_TOL, check_images, eps_posterior_mean, loss_simple, loss_weight, p_sample,
                                      predict_x0_from_eps, q_posterior, q_sample, q_step)
 from ddpm_tutorial.schedules import make_schedule
 
@@ -180,3 +180,15 @@ def test_check_images_is_the_one_image_check():
     # the metric's check is this one, with the metric's shape and count
     with pytest.raises(ValueError, match=r"samples must have shape \(B, 1, 28, 28\)"):
         metrics.check_images(x)
+
+
+def test_loss_weights():
+    """simple: every w_t = 1 (L_simple). min_snr (Hang et al. 2023): w_t = min(SNR_t, gamma) / SNR_t,
+    1 wherever SNR_t <= gamma (large t), gamma / SNR_t at the clean end, never above 1."""
+    assert torch.equal(loss_weight(SCHEDULE, "simple"), torch.ones(1000))
+    w, snr = loss_weight(SCHEDULE, "min_snr", gamma=5.0), SCHEDULE.snr
+    assert torch.equal(w[snr <= 5], torch.ones(int((snr <= 5).sum())))
+    torch.testing.assert_close(w[0], (5 / snr[0]).float())
+    assert w[0] < 1e-3 and (w <= 1).all() and 0 < (snr > 5).sum() < 1000
+    with pytest.raises(ValueError, match="simple"):
+        loss_weight(SCHEDULE, "p2")

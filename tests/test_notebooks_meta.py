@@ -14,7 +14,7 @@ import colab_setup  # noqa: E402
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CHAPTERS = ["01_forward_process", "02_time_embeddings", "03_unet", "04_training", "05_sampling",
-            "06_skip_connection_ablation"]
+            "06_skip_connection_ablation", "07_guidance"]
 
 
 def repo_url() -> str:
@@ -62,3 +62,24 @@ def test_committed_outputs_come_from_a_full_run(path):
     assert "widgets" not in nb["metadata"], f"{path.name}: leftover widget state in metadata"
     assert "application/vnd.jupyter.widget-view+json" not in text, \
         f"{path.name}: a widget view would render dead in the book (run tools/finalize_notebooks.py)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_displayed_package_source_is_current(path):
+    """Every ``show_source(obj)`` output shows the package's code as it is now, not as it was
+    when the chapter ran (fix: python tools/refresh_sources.py notebooks/*.ipynb)."""
+    import nbformat
+    import refresh_sources
+    stale = refresh_sources.stale_cells(nbformat.read(path, as_version=4), refresh_sources.namespace())
+    assert not stale, f"{path.name}: stale source of {[expr for _, expr, _, _ in stale]}"
+
+
+def test_refresh_sources_finds_a_stale_output():
+    import nbformat
+    import refresh_sources
+    nb = nbformat.read(ROOT / "notebooks" / "04_training.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "show_source(Trainer.train_step)" in c.source)
+    out = next(o for o in cell.outputs if "text/markdown" in o.get("data", {}))
+    out["data"]["text/markdown"] = out["data"]["text/markdown"].replace("draw_batch", "sample_batch")
+    assert [expr for _, expr, _, _ in refresh_sources.stale_cells(nb, refresh_sources.namespace())] == \
+        ["Trainer.train_step"]

@@ -217,6 +217,34 @@ def test_ema_follows_the_model(make_trainer):
     assert not torch.equal(w1, w2)
 
 
+def test_power_ema_follows_karras_beta(make_trainer):
+    """ema_power gamma: after the n-th step hat-theta_n = beta_n hat-theta_{n-1} + (1 - beta_n) theta_n
+    with beta_n = (1 - 1/n)^(gamma + 1) (Karras et al. 2024); beta_1 = 0 copies the first weights."""
+    trainer = make_trainer(ema_power=3.0, ema_decay=0.5)     # ema_decay is ignored
+    name, expected = "conv_in.weight", None
+    for n in range(1, 4):
+        trainer.train_step()
+        w = dict(trainer.model.named_parameters())[name].detach().clone()
+        beta = (1 - 1 / n) ** 4
+        expected = w if expected is None else beta * expected + (1 - beta) * w
+        torch.testing.assert_close(dict(trainer.ema.module.named_parameters())[name], expected)
+    assert not torch.allclose(expected, w)       # the average is not just the last weights
+
+
+def test_min_snr_weight_scales_each_samples_loss(make_trainer):
+    """loss_weight="min_snr": the optimised loss is mean_b w_{t_b} ||eps - eps_theta||^2 with the
+    Min-SNR weights, on the same batch (same seed and step) as L_simple."""
+    plain, weighted = make_trainer(seed=1), make_trainer(seed=1, loss_weight="min_snr", min_snr_gamma=2.0)
+    x0, t, eps, _ = weighted.draw_batch()
+    with torch.no_grad():
+        per_sample = loss_simple(weighted.model, weighted.schedule, x0, t, eps, reduction="none")
+    snr = weighted.schedule.snr[t]
+    expected = (torch.minimum(snr, torch.tensor(2.0)) / snr * per_sample).mean().item()
+    assert weighted.train_step() == pytest.approx(expected, rel=1e-5)
+    assert plain.train_step() == pytest.approx(per_sample.mean().item(), rel=1e-5)
+    assert expected < per_sample.mean().item()          # the nearly clean timesteps count less
+
+
 def test_nan_loss_stops_before_the_weights_change(make_trainer, monkeypatch):
     """A NaN loss (a diverged network) stops training at that step, before its gradient step:
     weights, EMA and history stay those of the last good step, so the run can still be saved."""
