@@ -40,11 +40,11 @@ def test_presets_build_valid_models(name):
 
 
 def test_preset_names_come_from_the_table():
-    assert NAMES == ("quick", "cpu", "gpu")
+    assert NAMES == ("quick", "cpu", "gpu", "cifar", "rgb64")
     assert not hasattr(config, "PRESET_NAMES")        # one list of names: the table's keys
     for name, preset in PRESETS.items():
         assert preset.name == name and get_preset(name) is preset
-    with pytest.raises(ValueError, match=r"unknown preset 'huge'; expected one of \('quick', 'cpu', 'gpu'\)"):
+    with pytest.raises(ValueError, match=r"unknown preset 'huge'; expected one of \('quick', 'cpu', 'gpu', 'cifar', 'rgb64'\)"):
         get_preset("huge")
 
 
@@ -194,31 +194,29 @@ def test_describe_run_reports_the_preset_it_is_given(monkeypatch):
 
 # --- errors ------------------------------------------------------------------------------------
 
-def test_config_errors():
-    with pytest.raises(ValueError, match=r"schedule must be one of \('linear', 'cosine'\), got 'sigmoid'"):
-        DiffusionConfig(schedule="sigmoid")
-    with pytest.raises(ValueError, match="T must be an integer >= 1, got 0"):
-        DiffusionConfig(T=0)
-    with pytest.raises(ValueError, match="T must be an integer >= 1, got 10.5"):
-        DiffusionConfig(T=10.5)
-    with pytest.raises(ValueError, match="need 0 < beta_start <= beta_end < 1"):
-        DiffusionConfig(beta_start=0.1, beta_end=0.01)
-    for bad in (1.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match=rf"ema_decay must be in \[0, 1\), got {bad}"):
-            TrainConfig(ema_decay=bad)
-    with pytest.raises(ValueError, match=r"lr_decay must be one of \('constant', 'cosine'\), got 'linear'"):
-        TrainConfig(lr_decay="linear")
-    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
-        TrainConfig(steps=0)
-    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
-        TrainConfig(batch_size=0)
-    for bad in (0.0, -1e-3, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="lr must be a finite number > 0"):
-            TrainConfig(lr=bad)
-    with pytest.raises(ValueError, match="subset must be >= 0"):
-        TrainConfig(subset=-1)
-    with pytest.raises(ValueError, match="dropout must be in"):
-        ModelConfig(dropout=1.0)
+CONFIG_ERRORS = [
+    (DiffusionConfig, dict(schedule="sigmoid"), r"schedule must be one of \('linear', 'cosine'\), got 'sigmoid'"),
+    (DiffusionConfig, dict(T=0), "T must be an integer >= 1, got 0"),
+    (DiffusionConfig, dict(T=10.5), "T must be an integer >= 1, got 10.5"),
+    (DiffusionConfig, dict(beta_start=0.1, beta_end=0.01), "need 0 < beta_start <= beta_end < 1"),
+    *[(TrainConfig, dict(ema_decay=bad), rf"ema_decay must be in \[0, 1\), got {bad}") for bad in (1.0, -0.1, 1.5)],
+    (TrainConfig, dict(lr_decay="linear"), r"lr_decay must be one of \('constant', 'cosine'\), got 'linear'"),
+    (TrainConfig, dict(steps=0), "steps must be >= 1, got 0"),
+    (TrainConfig, dict(batch_size=0), "batch_size must be >= 1, got 0"),
+    *[(TrainConfig, dict(lr=bad), "lr must be a finite number > 0") for bad in (0.0, -1e-3, float("inf"), float("nan"))],
+    (TrainConfig, dict(subset=-1), "subset must be >= 0"),
+    (TrainConfig, dict(loss_weight="p2"), r"loss_weight must be one of \('simple', 'min_snr'\), got 'p2'"),
+    *[(TrainConfig, dict(min_snr_gamma=bad), "min_snr_gamma must be a finite number > 0") for bad in (0.0, float("nan"))],
+    *[(TrainConfig, dict(ema_power=bad), "ema_power must be a finite number >= 0") for bad in (-1.0, float("inf"))],
+    (ModelConfig, dict(dropout=1.0), "dropout must be in"),
+]
+
+
+@pytest.mark.parametrize("cls, fields, message", CONFIG_ERRORS,
+                         ids=[f"{c.__name__}-{next(iter(f))}" for c, f, _ in CONFIG_ERRORS])
+def test_config_errors(cls, fields, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**fields)
 
 
 def test_paper_defaults():
