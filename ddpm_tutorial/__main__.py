@@ -2,16 +2,20 @@
 
     python -m ddpm_tutorial train --preset cpu --out runs/cpu.pt
     python -m ddpm_tutorial train --resume runs/cpu.pt --steps 6000
+    python -m ddpm_tutorial train --preset cifar --images my_photos/ --out runs/mine.pt
+    torchrun --nproc_per_node=8 -m ddpm_tutorial train --preset cifar --images my_photos/ --out runs/mine.pt
     python -m ddpm_tutorial sample --checkpoint runs/cpu.pt --n 32 --png grid.png --tensor samples.pt
     python -m ddpm_tutorial export --checkpoint runs/cpu.pt --out my_model.pt
 
 Every argument is checked before any long work starts; an error is one line saying what was
 wrong and what to do, and the exit code is 1 (2 for a usage error, 130 after Ctrl-C).
+Under torchrun every process runs this same command; rank 0 alone prints and saves.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shlex
 import sys
@@ -26,7 +30,50 @@ except KeyboardInterrupt:
     sys.exit(130)
 
 
+def _check_image_args(args) -> None:
+    """The own-images options, checked before anything is read."""
+    if args.images is None:
+        given = [flag for flag, value in (("--image-size", args.image_size), ("--channels", args.channels),
+                                          ("--stream", args.stream or None)) if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} apply to your own images: add --images DIR")
+        return
+    if args.data:
+        raise ValueError("--images (your own folder) and --data (Fashion-MNIST files) exclude each other; "
+                         "give one of them")
+    if not Path(args.images).is_dir():
+        raise ValueError(f"--images {args.images}: {'is a file' if Path(args.images).exists() else 'does not exist'}"
+                         "; give a folder of .png / .jpg images (any depth of subfolders)")
+    if args.image_size is not None and args.image_size < 8:
+        raise ValueError(f"--image-size must be at least 8 pixels (28, 32 and 64 are usual), got {args.image_size}")
+    if args.subset:
+        raise ValueError("--subset applies to Fashion-MNIST; with --images, put the images you want in the folder")
+    if args.resume and args.image_size is not None:
+        raise ValueError("--image-size cannot change on --resume: the model was built for its size")
+
+
+def _load_images(args, preset, main: bool):
+    """(data, labels, model config) for --images: the preset's network at the folder's size and channels."""
+    from .data import load_image_folder
+    size = args.image_size or preset.model.image_size
+    channels = args.channels or (preset.model.in_channels if args.resume else None)
+    data, labels = load_image_folder(args.images, size, channels, in_memory=False if args.stream else None,
+                                     workers=args.workers, log=print if main else (lambda *a, **k: None))
+    shape = data.shape[1:] if isinstance(data, torch.Tensor) else data.image_shape
+    model = dataclasses.replace(preset.model, in_channels=shape[0], image_size=size)
+    if args.conditional and not args.resume:
+        if labels is None:
+            raise ValueError(f"--conditional needs classes: the folder layout {args.images}/<class>/<images> "
+                             "(torchvision's ImageFolder), with every image in a class subfolder")
+        model = dataclasses.replace(model, num_classes=int(labels.max()) + 1)
+    if args.resume and model != preset.model:
+        raise ValueError(f"{args.resume} was trained on {preset.model.in_channels}-channel {preset.model.image_size}px "
+                         f"images; --images gives {shape[0]}-channel {size}px ones")
+    return data, labels, model
+
+
 def _train(args) -> None:
+    from . import distributed
     from .checkpoint import check_output_path, configs_from_checkpoint, load_checkpoint
     from .config import get_preset
     from .data import load_fashion_mnist
@@ -34,15 +81,19 @@ def _train(args) -> None:
     from .train import build_trainer
 
     preset = get_preset(args.preset)
-    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "subset")
+    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "subset", "precision")
                  if getattr(args, k) is not None}
+    if args.flip:
+        overrides["hflip"] = True
+    _check_image_args(args)
     if args.resume:    # the checkpoint's own configs win over the preset's
         if args.preset:
             raise ValueError(f"--preset {args.preset} cannot be combined with --resume: a resumed run keeps "
                              "the settings it was started with (change only --steps)")
-        if set(overrides) - {"steps"}:
-            raise ValueError(f"--resume continues a run with its own settings; only --steps may change, "
-                             f"not {', '.join('--' + k.replace('_', '-') for k in set(overrides) - {'steps'})}")
+        if set(overrides) - {"steps", "precision"}:
+            changed = sorted(set(overrides) - {"steps", "precision"})
+            raise ValueError(f"--resume continues a run with its own settings; only --steps may change, not "
+                             f"{', '.join('--' + k.replace('_', '-') for k in changed)} (and --precision on a GPU)")
         if args.conditional:
             raise ValueError("--conditional cannot be combined with --resume: a resumed run keeps the model "
                              "it was started with")
@@ -62,24 +113,48 @@ def _train(args) -> None:
     if args.resume and train_cfg.steps <= ckpt["step"]:
         raise ValueError(f"{args.resume} has already trained {ckpt['step']} steps; pass --steps N with "
                          f"N > {ckpt['step']} to train further")
-    print(f"preset {preset.name} on {hardware_summary()}; checkpoint -> {out}")
-    data, labels = load_fashion_mnist(train=True, subset=train_cfg.subset, root=args.data)
-    trainer = build_trainer(preset, data, train=train_cfg, labels=labels if preset.model.num_classes else None)
-    if args.resume:
-        trainer.resume(args.resume)
-        trainer.cfg = train_cfg          # the same run, with a new number of total steps
-        print(f"resumed at step {trainer.step}")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if train_cfg.batch_size % world:
+        raise ValueError(f"--batch-size {train_cfg.batch_size} is the global batch, split evenly among the {world} "
+                         f"processes; choose a multiple of {world}")
+    ctx = distributed.init()             # one process: nothing to join; under torchrun: the process group
+    try:
+        main = ctx.rank == 0
+        say = print if main else (lambda *a, **k: None)
+        say(f"preset {preset.name} on {hardware_summary(ctx.device)}"
+            + (f", {ctx.world_size} processes ({ctx.backend}), {train_cfg.batch_size // ctx.world_size} images "
+               f"each of a global batch of {train_cfg.batch_size}" if ctx.world_size > 1 else "")
+            + f"; checkpoint -> {out}")
+        with distributed.local_main_first():      # one process per machine fills the data cache first
+            if args.images:
+                data, labels, model_cfg = _load_images(args, preset, main)
+                preset = dataclasses.replace(preset, model=model_cfg)
+            else:
+                data, labels = load_fashion_mnist(train=True, subset=train_cfg.subset, root=args.data)
+        trainer = build_trainer(preset, data, device=ctx.device, train=train_cfg, loader_workers=args.workers,
+                                labels=labels if preset.model.num_classes else None)
+        if args.resume:
+            trainer.resume(args.resume)
+            trainer.cfg = train_cfg          # the same run, with a new number of total steps
+            say(f"resumed at step {trainer.step}")
+        _fit(trainer, args, out, say)
+    finally:
+        distributed.cleanup()
+
+
+def _fit(trainer, args, out: Path, say) -> None:
     start = trainer.step
     try:
         trainer.fit(checkpoint_path=out, checkpoint_every=args.save_every)
     except KeyboardInterrupt:
         if trainer.step > start or (args.resume and out == Path(args.resume)):   # fit saved, or nothing new
-            data_arg = f" --data {shlex.quote(args.data)}" if args.data else ""
-            print(f"resume with: python -m ddpm_tutorial train --resume {shlex.quote(str(out))}{data_arg}",
-                  file=sys.stderr)
+            data_arg = (f" --data {shlex.quote(args.data)}" if args.data else "") + \
+                (f" --images {shlex.quote(args.images)}" if args.images else "")
+            say(f"resume with: python -m ddpm_tutorial train --resume {shlex.quote(str(out))}{data_arg}",
+                file=sys.stderr)
         raise
-    print(f"done: {trainer.step} steps, final loss {trainer.history.loss[-1]:.4f}, "
-          f"{trainer.history.seconds:.0f} s this run; checkpoint {out}")
+    say(f"done: {trainer.step} steps, final loss {trainer.history.loss[-1]:.4f}, "
+        f"{trainer.history.seconds:.0f} s this run; checkpoint {out}")
 
 
 def _sample(args) -> None:
@@ -120,7 +195,16 @@ def _sample(args) -> None:
         result = ddpm_sample(model, schedule, n=args.n, seed=args.seed, y=y, guidance=args.guidance)
     check_samples(result)
     if args.png:
-        save_grid(result.images, args.png)
+        if result.images.shape[1] == 3:              # colour: the grid in RGB, one image pixel = one PNG pixel
+            import matplotlib.pyplot as plt
+            from torchvision.utils import make_grid
+
+            from .data import to_unit
+            nrow = math.ceil(math.sqrt(args.n))
+            grid = make_grid(to_unit(result.images.float().cpu()), nrow=nrow, padding=1, pad_value=1.0)
+            plt.imsave(args.png, grid[:, 1:-1, 1:-1].permute(1, 2, 0).numpy())   # (H, W, 3), no outer frame
+        else:
+            save_grid(result.images, args.png)
         print(f"wrote {args.png}")
     if args.tensor:
         torch.save(result.images, args.tensor)
@@ -172,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a DDPM on Fashion-MNIST")
+    t = sub.add_parser("train", help="train a DDPM on Fashion-MNIST or your own images (torchrun: many GPUs)")
     t.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help=f"default: {preset_name()} (DDPM_QUICK=1 forces quick)")
     t.add_argument("--out", help="checkpoint path (default runs/<preset>.pt)")
@@ -188,6 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="folder with the Fashion-MNIST files (else DDPM_DATA_DIR, Debian, download)")
     t.add_argument("--save-every", type=_positive_or_zero, default=500,
                    help="checkpoint every N steps (0: only at the end)")
+    t.add_argument("--images", help="train on your own images: a folder of .png / .jpg (searched recursively; "
+                   "root/<class>/ subfolders give classes for --conditional)")
+    t.add_argument("--image-size", dest="image_size", type=int, help="with --images: pixels of the square the "
+                   "images are resized and center-cropped to (28, 32, 64; default: the preset's)")
+    t.add_argument("--channels", type=int, choices=(1, 3), help="with --images: 1 grey, 3 RGB "
+                   "(default: 3 if any image is colour)")
+    t.add_argument("--flip", action="store_true", help="mirror each training image left-right with probability 1/2")
+    t.add_argument("--stream", action="store_true", help="with --images: read from disk every step even when "
+                   "the images would fit in memory")
+    t.add_argument("--workers", type=_positive_or_zero, default=2,
+                   help="processes decoding images ahead when streaming --images (default 2)")
+    t.add_argument("--precision", choices=("fp16", "bf16", "fp32"),
+                   help="autocast on CUDA (default: the preset's); the CPU always trains in fp32")
     t.set_defaults(func=_train)
 
     s = sub.add_parser("sample", help="sample images from a checkpoint")
@@ -201,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class to generate, by name or index (a conditional checkpoint)")
     s.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale w >= 0")
     s.add_argument("--png", help="write an image grid here (.png, .jpg, .pdf, .svg)")
-    s.add_argument("--tensor", help="write the (N, 1, 28, 28) tensor in [-1, 1] here (torch.save)")
+    s.add_argument("--tensor", help="write the (N, C, H, W) tensor in [-1, 1] here (torch.save)")
     s.set_defaults(func=_sample)
 
     e = sub.add_parser("export", help="write a small sampling-only checkpoint (EMA weights + configs)")
@@ -226,7 +323,11 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, TypeError, RuntimeError, OSError, FloatingPointError, ZeroDivisionError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        message = _one_line(err)
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world not in ("", "1") and not message.startswith("rank "):   # under torchrun: say which process
+            message = f"rank {os.environ.get('RANK', '?')} of {world}: {message}"
+        print(f"error: {message}", file=sys.stderr, flush=True)
         return 1
     except Exception as err:       # a bug of ours: still one line, the traceback on request
         if os.environ.get("DDPM_TRACEBACK"):

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,10 +258,11 @@ class Trainer:
 
     def draw_batch(self):
         """Algorithm 1, lines 2-4, drawn from a generator seeded by (seed, step):
-        x0 (B, C, H, W), t (B,) code indices in [0, T), eps (B, C, H, W), on the device, and
-        for a class-conditional model the labels y (B,), each replaced by the null class with
+        x0 (b, C, H, W), t (b,) code indices in [0, T), eps (b, C, H, W), on the device, and
+        for a class-conditional model the labels y (b,), each replaced by the null class with
         probability p_uncond (Ho & Salimans 2022); y is None for an unconditional model.
-        The global batch is drawn; this rank keeps its shard ``mine`` (all of it in one process).
+        The global batch of B is drawn; this rank keeps its shard ``mine`` of b = B / world_size
+        (all of it in one process), so every rank's t and eps are those one process would use.
         With ``hflip`` each image is mirrored with probability 1/2, also drawn from the generator."""
         g = step_generator(self.cfg.seed, self.step)
         idx = batch_indices(len(self.data), self.cfg.batch_size, self.cfg.seed, self.step)   # global (B,)
@@ -367,14 +369,20 @@ class Trainer:
         return self.history
 
     def _checkpoint(self, path) -> None:
-        """Rank 0 saves (atomically); then every rank waits for it, so all know the last good file."""
+        """Rank 0 saves (atomically); then every rank waits for it, so all know the last good file
+        (rank 0 knows as soon as its save returns, even if a peer dies at the barrier)."""
         if distributed.is_main():
             self.save(path)
+            self.last_checkpoint = (Path(path), self.step)
         distributed.barrier()
         self.last_checkpoint = (Path(path), self.step)
 
     def _stopped(self, err: BaseException) -> distributed.PeerFailure:
         """One line for a rank that cannot go on: what happened, and the checkpoint to resume from."""
+        try:      # this rank is going down: a SIGTERM from torchrun must not cut its message short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except ValueError:                               # not the main thread
+            pass
         text = " ".join(str(err).split()) or type(err).__name__
         collective = isinstance(err, (distributed.PeerFailure, dist.DistError)) or any(
             word in text for word in ("gloo", "NCCL", "Connection", "connection", "peer"))
