@@ -191,6 +191,26 @@ _CPU_MODEL = ModelConfig(base_channels=32, channel_mults=(1, 1, 2), num_res_bloc
 _CPU_TRAIN = TrainConfig(steps=3800, batch_size=32, lr=1e-3, warmup_steps=200, lr_decay="cosine",
                          ema_decay=0.995)
 
+
+def _rgb_preset(name: str, size: int, base: int, mults: tuple, batch_size: int, description: str) -> Preset:
+    """A preset for colour images of ``size`` pixels: the paper's recipe (Adam 2e-4, warm-up 5000,
+    EMA 0.9999, dropout 0.1, random flips), 200k steps, bf16 autocast on GPUs; its ablation is
+    the half-width network on a 20k-step recipe."""
+    train = dict(batch_size=batch_size, hflip=True, precision="bf16")
+    return Preset(
+        name,
+        model=ModelConfig(image_size=size, in_channels=3, base_channels=base, channel_mults=mults,
+                          num_res_blocks=2, attention=True, dropout=0.1),
+        diffusion=DiffusionConfig(),
+        train=TrainConfig(steps=200_000, lr=2e-4, warmup_steps=5000, ema_decay=0.9999, **train),
+        ablation=AblationConfig(
+            model=ModelConfig(image_size=size, in_channels=3, base_channels=base // 2, channel_mults=mults),
+            train=TrainConfig(steps=20_000, lr=5e-4, warmup_steps=1000, lr_decay="cosine", ema_decay=0.999,
+                              **train),
+            n_samples=500, ddim_steps=50),
+        description=description, n_metric=1000, ddim_steps=100)
+
+
 PRESETS = {
     # CI: tiny everything; a chapter must run in about a minute on 2 CPU cores.
     "quick": Preset(
@@ -235,37 +255,14 @@ PRESETS = {
     # 12.6M parameters, 4.7 GFLOP per 32x32 image forward (FlopCounterMode). A training step at
     # batch 128 is about 3 x 4.7 x 128 = 1.8 TFLOP, so 200k steps are about 3.4 GPU-hours at an
     # assumed 30 TFLOP/s sustained (an estimate, not a measurement: book/scaling_up.md).
-    "cifar": Preset(
-        "cifar",
-        model=ModelConfig(image_size=32, in_channels=3, base_channels=96, channel_mults=(1, 2, 2, 2),
-                          num_res_blocks=2, attention=True, dropout=0.1),
-        diffusion=DiffusionConfig(),
-        train=TrainConfig(steps=200_000, batch_size=128, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
-                          hflip=True, precision="bf16"),
-        ablation=AblationConfig(
-            model=ModelConfig(image_size=32, in_channels=3, base_channels=48, channel_mults=(1, 2, 2, 2)),
-            train=TrainConfig(steps=20_000, batch_size=128, lr=5e-4, warmup_steps=1000, lr_decay="cosine",
-                              ema_decay=0.999, hflip=True, precision="bf16"),
-            n_samples=500, ddim_steps=50),
-        description="32x32 RGB (CIFAR-10 sized), one consumer GPU, about 3.4 GPU-hours (estimated)",
-        n_metric=1000, ddim_steps=100),
+    "cifar": _rgb_preset("cifar", 32, 96, (1, 2, 2, 2), batch_size=128,
+                         description="32x32 RGB (CIFAR-10 sized), one consumer GPU, about 3.4 GPU-hours "
+                                     "(estimated)"),
     # 64x64 RGB: 64 channels, mults 1-2-2-4 (64 -> 32 -> 16 -> 8), attention at 8x8: 9.8M parameters,
     # 9.2 GFLOP per image forward; batch 64: about 1.8 TFLOP a step, 200k steps about 3.3 GPU-hours
     # at the same assumed 30 TFLOP/s (an estimate).
-    "rgb64": Preset(
-        "rgb64",
-        model=ModelConfig(image_size=64, in_channels=3, base_channels=64, channel_mults=(1, 2, 2, 4),
-                          num_res_blocks=2, attention=True, dropout=0.1),
-        diffusion=DiffusionConfig(),
-        train=TrainConfig(steps=200_000, batch_size=64, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
-                          hflip=True, precision="bf16"),
-        ablation=AblationConfig(
-            model=ModelConfig(image_size=64, in_channels=3, base_channels=32, channel_mults=(1, 2, 2, 4)),
-            train=TrainConfig(steps=20_000, batch_size=64, lr=5e-4, warmup_steps=1000, lr_decay="cosine",
-                              ema_decay=0.999, hflip=True, precision="bf16"),
-            n_samples=500, ddim_steps=50),
-        description="64x64 RGB, one consumer GPU, about 3.3 GPU-hours (estimated)",
-        n_metric=1000, ddim_steps=100),
+    "rgb64": _rgb_preset("rgb64", 64, 64, (1, 2, 2, 4), batch_size=64,
+                         description="64x64 RGB, one consumer GPU, about 3.3 GPU-hours (estimated)"),
 }
 
 
