@@ -117,6 +117,8 @@ class TrainConfig:
                                   # probability, so one network also learns eps_theta(x_t, null)
     hflip: bool = False           # mirror each image left-right with probability 1/2 (the paper, CIFAR-10)
     precision: str = "fp16"       # CUDA autocast: "fp16" (+ loss scaling; a T4 has no bf16), "bf16", "fp32"
+    cpu_precision: str = "fp32"   # CPU: "fp32", or "bf16" autocast: 1.75x faster where the CPU has
+                                  # AVX-512-bf16 or AMX, about 9x slower where it has not (book/results.md)
     loss_weight: str = "simple"   # "simple": L_simple (the paper); "min_snr": Hang et al. 2023
     min_snr_gamma: float = 5.0    # min_snr: the SNR at which the weight is capped
     ema_power: float = 0.0        # 0: EMA with a fixed ema_decay; > 0: the power-function EMA of
@@ -145,6 +147,8 @@ class TrainConfig:
             _fail(f"p_uncond must be in [0, 1), got {self.p_uncond}")
         if self.precision not in PRECISIONS:
             _fail(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.cpu_precision not in ("fp32", "bf16"):
+            _fail(f"cpu_precision must be 'fp32' or 'bf16', got {self.cpu_precision!r}")
         if self.loss_weight not in LOSS_WEIGHTS:
             _fail(f"loss_weight must be one of {LOSS_WEIGHTS}, got {self.loss_weight!r}")
         if not 0 < self.min_snr_gamma < float("inf"):

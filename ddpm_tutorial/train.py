@@ -211,11 +211,13 @@ class Trainer:
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(train))
         self.weight = loss_weight(self.schedule, train.loss_weight, train.min_snr_gamma)   # (T,): ones = L_simple
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.lr)
-        # Autocast on CUDA only: fp16 with loss scaling (a T4 has fast fp16, no bf16) or bf16 (its
-        # range is fp32's: no scaling); fp32 on the CPU, where autocast would only slow training.
-        self.amp = self.device.type == "cuda" and train.precision != "fp32"
-        self.amp_dtype = torch.bfloat16 if train.precision == "bf16" else torch.float16
-        if self.amp and self.amp_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(False):
+        # Autocast on CUDA: fp16 with loss scaling (a T4 has fast fp16, no bf16) or bf16 (its range
+        # is fp32's: no scaling). On the CPU fp32, unless cpu_precision asks for bf16, which only
+        # CPUs with bf16 instructions run fast (bench/cpu_efficiency.py measures it).
+        cuda = self.device.type == "cuda"
+        self.amp = train.precision != "fp32" if cuda else train.cpu_precision == "bf16"
+        self.amp_dtype = torch.bfloat16 if (train.precision if cuda else train.cpu_precision) == "bf16" else torch.float16
+        if cuda and self.amp and self.amp_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(False):
             distributed.print0(f"{torch.cuda.get_device_name(self.device)} has no bf16: training in fp16 instead")
             self.amp_dtype = torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)

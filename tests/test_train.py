@@ -245,6 +245,19 @@ def test_min_snr_weight_scales_each_samples_loss(make_trainer):
     assert expected < per_sample.mean().item()          # the nearly clean timesteps count less
 
 
+def test_cpu_bf16_autocast_is_opt_in(make_trainer):
+    """cpu_precision="bf16" runs the network's forward in bf16 on the CPU (weights, optimiser and
+    loss stay fp32): the loss is close to fp32's, not equal; the default is fp32."""
+    fp32, bf16 = make_trainer(seed=2), make_trainer(seed=2, cpu_precision="bf16")
+    assert not fp32.amp and bf16.amp and bf16.amp_dtype == torch.bfloat16
+    seen = []
+    hook = bf16.model.conv_in.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    a, b = fp32.train_step(), bf16.train_step()
+    hook.remove()
+    assert seen == [torch.bfloat16] and bf16.model.conv_in.weight.dtype == torch.float32
+    assert a != b and b == pytest.approx(a, rel=0.05)
+
+
 def test_nan_loss_stops_before_the_weights_change(make_trainer, monkeypatch):
     """A NaN loss (a diverged network) stops training at that step, before its gradient step:
     weights, EMA and history stay those of the last good step, so the run can still be saved."""
