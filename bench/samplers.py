@@ -29,7 +29,8 @@ def sweep(model, schedule, args, device) -> list:
     rows = []
     for method, steps, n in plan:
         common.log(f"    {NAMES[method]} {steps} steps, n={n} ...")
-        images, seconds = common.draw_samples(model, schedule, method, n, steps, args.seed, device)
+        images, seconds = common.draw_samples(model, schedule, method, n, steps, args.seed, device,
+                                              clip_x0=args.clip_x0)
         rows.append({"sampler": NAMES[method], "steps": steps, "n": n, "seconds": seconds,
                      **sample_quality(images, n_boot=args.n_boot).as_dict()})
         common.log(f"    FD {common.fd_cell(rows[-1])}, {seconds:.1f} s")
@@ -89,6 +90,7 @@ def main():
     p.add_argument("--dpm-steps", type=int, nargs="*", default=[10, 20, 50])
     p.add_argument("--seed", type=int, default=0, help="sampling seed (x_T and DDPM's noise)")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples behind each FD spread")
+    p.add_argument("--clip-x0", action="store_true", help="clamp each step's hat-x_0 to [-1, 1] (every sampler)")
     p.add_argument("--plot", metavar="PNG", help="also plot FD against sampling time here")
     p.add_argument("--from-json", metavar="FILE", help="print (and plot) an earlier --json file")
     common.add_run_args(p)
@@ -101,7 +103,7 @@ def main():
         path = shipped_checkpoint_path() if args.checkpoint == "shipped" else args.checkpoint
         model, schedule, ckpt = model_from_checkpoint(path, device=device)
         common.log(f"[{path}] {ckpt['step']} training steps")
-        result = {"checkpoint": str(path), "train_steps": ckpt["step"], "seed": args.seed,
+        result = {"checkpoint": str(path), "train_steps": ckpt["step"], "seed": args.seed, "clip_x0": args.clip_x0,
                   "rows": sweep(model, schedule, args, device)} | common.run_record(device)
         common.write_json(args.json, {"sweeps": [result]})
     print_sweep(result)
