@@ -150,6 +150,30 @@ def lucidrains_unet():
     return "lucidrains", EpsWrapper(net, pad=pad)
 
 
+@torch.no_grad()
+def refresh_batchnorm(model: nn.Module, trainer, batches: int = 20) -> bool:
+    """Recompute the BatchNorm statistics of the EMA weights (SimpleUNet's; False if none):
+    ``AveragedModel`` copies them from the live weights. As SWA's ``update_bn``, a cumulative
+    average over ``batches`` noised batches x_t ~ q(x_t | x_0), t uniform, from a fixed generator."""
+    from ddpm_tutorial.diffusion import q_sample
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None                     # None: an equal-weight cumulative average
+    model.train()
+    g, B, T = torch.Generator().manual_seed(12345), trainer.cfg.batch_size, trainer.schedule.T
+    for _ in range(batches if norms else 0):
+        x0 = trainer.data[torch.randint(len(trainer.data), (B,), generator=g)]
+        t, eps = torch.randint(0, T, (B,), generator=g), torch.randn(x0.shape, generator=g)
+        x0, t, eps = (v.to(trainer.device) for v in (x0, t, eps))
+        model(q_sample(trainer.schedule, x0, t, eps), t)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+    return bool(norms)
+
+
 PEERS = {"simple-unet": simple_unet, "hf-course": hf_course_unet, "lucidrains": lucidrains_unet}
 
 

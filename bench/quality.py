@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import common
-from peers import PEERS
+from peers import PEERS, refresh_batchnorm
 
 OURS = {"ours-cpu": "cpu", "ours-gpu": "gpu"}
 SETUPS = (*OURS, *PEERS)
@@ -90,30 +89,6 @@ def train(trainer, minutes: float | None, steps: int | None) -> float:
             common.log(f"    {elapsed / 60:5.1f} min  step {trainer.step:6d}  loss {sum(recent) / len(recent):.4f}  "
                        f"lr {trainer.optimizer.param_groups[0]['lr']:.2e}")
     return time.perf_counter() - start
-
-
-@torch.no_grad()
-def refresh_batchnorm(model: nn.Module, trainer, batches: int = 20) -> bool:
-    """Recompute the BatchNorm statistics of the EMA weights (SimpleUNet's; False if none):
-    ``AveragedModel`` copies them from the live weights. As SWA's ``update_bn``, a cumulative
-    average over ``batches`` noised batches x_t ~ q(x_t | x_0), t uniform, from a fixed generator."""
-    from ddpm_tutorial.diffusion import q_sample
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None                     # None: an equal-weight cumulative average
-    model.train()
-    g, B, T = torch.Generator().manual_seed(12345), trainer.cfg.batch_size, trainer.schedule.T
-    for _ in range(batches if norms else 0):
-        x0 = trainer.data[torch.randint(len(trainer.data), (B,), generator=g)]
-        t, eps = torch.randint(0, T, (B,), generator=g), torch.randn(x0.shape, generator=g)
-        x0, t, eps = (v.to(trainer.device) for v in (x0, t, eps))
-        model(q_sample(trainer.schedule, x0, t, eps), t)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.eval()
-    return bool(norms)
 
 
 def run_setup(setup: str, recipe: str | None, args, data, labels, device) -> dict:
