@@ -52,12 +52,12 @@ def timed(fn, device):
 
 
 def draw_samples(model, schedule, method: str, n: int, steps: int, seed: int, device, batch: int = 250,
-                 clip_x0: bool = False):
+                 clip_x0: bool = False, eta: float = 0.0):
     """n samples by ``method`` ("ddpm": Algorithm 2 over all T steps; "ddim" or "dpm++2m" in
     ``steps`` network calls) in chunks of ``batch`` (memory only), from the x_T that one draw
     seeded by ``seed`` gives; DDPM's chunks share that generator for their noise. Deterministic
     samplers give the same images for any ``batch`` up to float rounding (DDPM does not).
-    ``clip_x0``: clamp every step's hat-x_0 to [-1, 1]. Returns (images (n, 1, 28, 28), seconds)."""
+    ``clip_x0``: clamp every step's hat-x_0 to [-1, 1]; ``eta``: DDIM's eta. Returns (images (n, 1, 28, 28), seconds)."""
     from ddpm_tutorial.sampling import ddpm_sample, sample
     generator = torch.Generator().manual_seed(seed)
     x_T = torch.randn((n, 1, 28, 28), generator=generator)
@@ -67,7 +67,7 @@ def draw_samples(model, schedule, method: str, n: int, steps: int, seed: int, de
         for x in x_T.split(batch):
             kwargs = dict(device=device, progress=False, generator=generator, x_T=x, clip_x0=clip_x0)
             out.append((ddpm_sample(model, schedule, len(x), **kwargs) if method == "ddpm" else
-                        sample(model, schedule, method, len(x), steps, **kwargs)).images)
+                        sample(model, schedule, method, len(x), steps, eta=eta, **kwargs)).images)
         return torch.cat(out)
     return timed(run, device)
 

@@ -29,9 +29,11 @@ def sweep(model, schedule, args, device) -> list:
     rows = []
     for method, steps, n in plan:
         common.log(f"    {NAMES[method]} {steps} steps, n={n} ...")
+        eta = args.eta if method == "ddim" else 0.0
         images, seconds = common.draw_samples(model, schedule, method, n, steps, args.seed, device,
-                                              clip_x0=args.clip_x0)
-        rows.append({"sampler": NAMES[method], "steps": steps, "n": n, "seconds": seconds,
+                                              clip_x0=args.clip_x0, eta=eta)
+        name = NAMES[method] + (f" (eta {eta:g})" if eta else "")
+        rows.append({"sampler": name, "steps": steps, "n": n, "seconds": seconds,
                      **sample_quality(images, n_boot=args.n_boot).as_dict()})
         common.log(f"    FD {common.fd_cell(rows[-1])}, {seconds:.1f} s")
     return rows
@@ -90,6 +92,7 @@ def main():
     p.add_argument("--dpm-steps", type=int, nargs="*", default=[10, 20, 50])
     p.add_argument("--seed", type=int, default=0, help="sampling seed (x_T and DDPM's noise)")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples behind each FD spread")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta for the DDIM rows (0: deterministic)")
     p.add_argument("--clip-x0", action="store_true", help="clamp each step's hat-x_0 to [-1, 1] (every sampler)")
     p.add_argument("--plot", metavar="PNG", help="also plot FD against sampling time here")
     p.add_argument("--from-json", metavar="FILE", help="print (and plot) an earlier --json file")
