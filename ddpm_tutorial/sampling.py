@@ -161,6 +161,12 @@ def ddim_step(schedule: NoiseSchedule, x: torch.Tensor, eps_theta: torch.Tensor,
     return ab_s.sqrt() * x0_hat + direction + noise                         # 4. x_s
 
 
+def lambda_step(schedule: NoiseSchedule, t_index: int, s_index: int) -> torch.Tensor:
+    """h = lambda_s - lambda_t, the step in lambda = log(alpha / sigma) = log(SNR) / 2 from t to s."""
+    (a_t, sig_t), (a_s, sig_s) = _alpha_sigma(schedule, t_index), _alpha_sigma(schedule, s_index)
+    return torch.log(a_s / sig_s) - torch.log(a_t / sig_t)
+
+
 def dpmpp_2m_step(schedule: NoiseSchedule, x: torch.Tensor, x0_hat: torch.Tensor, t_index: int,
                   s_index: int | None, previous: tuple | None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), from t to the next step s < t of tau.
@@ -177,10 +183,7 @@ def dpmpp_2m_step(schedule: NoiseSchedule, x: torch.Tensor, x0_hat: torch.Tensor
     """
     a_t, sig_t = _alpha_sigma(schedule, t_index)
     a_s, sig_s = _alpha_sigma(schedule, s_index)
-    if s_index is None:                    # lambda_s = +inf: the step lands on D itself
-        h = None
-    else:
-        h = torch.log(a_s / sig_s) - torch.log(a_t / sig_t)
+    h = None if s_index is None else lambda_step(schedule, t_index, s_index)   # None: lambda_s = +inf
     D = x0_hat
     if previous is not None and h is not None:
         prev_x0, h_prev = previous
@@ -234,12 +237,9 @@ def sample(model, schedule: NoiseSchedule, method: str = "ddim", n: int = 16, st
             z = _noise_like(x, generator) if eta > 0 else None
             x = ddim_step(schedule, x, eps_theta, x0_hat, t_index, s_index, eta, z)
         else:
-            x_next = dpmpp_2m_step(schedule, x, x0_hat, t_index, s_index, previous)
+            x = dpmpp_2m_step(schedule, x, x0_hat, t_index, s_index, previous)
             if s_index is not None:
-                a_t, sig_t = _alpha_sigma(schedule, t_index)
-                a_s, sig_s = _alpha_sigma(schedule, s_index)
-                previous = (x0_hat, torch.log(a_s / sig_s) - torch.log(a_t / sig_t))
-            x = x_next
+                previous = (x0_hat, lambda_step(schedule, t_index, s_index))
     out.raw, out.images = x.cpu(), x.clamp(-1, 1).cpu()
     return out
 
