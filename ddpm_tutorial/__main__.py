@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import shlex
 import sys
@@ -78,7 +77,7 @@ def _train(args) -> None:
     from .config import get_preset
     from .data import load_fashion_mnist
     from .runinfo import hardware_summary
-    from .train import build_trainer
+    from .train import build_trainer, check_global_batch
 
     preset = get_preset(args.preset)
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "subset", "precision")
@@ -113,10 +112,7 @@ def _train(args) -> None:
     if args.resume and train_cfg.steps <= ckpt["step"]:
         raise ValueError(f"{args.resume} has already trained {ckpt['step']} steps; pass --steps N with "
                          f"N > {ckpt['step']} to train further")
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if train_cfg.batch_size % world:
-        raise ValueError(f"--batch-size {train_cfg.batch_size} is the global batch, split evenly among the {world} "
-                         f"processes; choose a multiple of {world}")
+    check_global_batch(train_cfg.batch_size, int(os.environ.get("WORLD_SIZE", "1") or 1))   # before any loading
     ctx = distributed.init()             # one process: nothing to join; under torchrun: the process group
     try:
         main = ctx.rank == 0
@@ -195,16 +191,7 @@ def _sample(args) -> None:
         result = ddpm_sample(model, schedule, n=args.n, seed=args.seed, y=y, guidance=args.guidance)
     check_samples(result)
     if args.png:
-        if result.images.shape[1] == 3:              # colour: the grid in RGB, one image pixel = one PNG pixel
-            import matplotlib.pyplot as plt
-            from torchvision.utils import make_grid
-
-            from .data import to_unit
-            nrow = math.ceil(math.sqrt(args.n))
-            grid = make_grid(to_unit(result.images.float().cpu()), nrow=nrow, padding=1, pad_value=1.0)
-            plt.imsave(args.png, grid[:, 1:-1, 1:-1].permute(1, 2, 0).numpy())   # (H, W, 3), no outer frame
-        else:
-            save_grid(result.images, args.png)
+        save_grid(result.images, args.png)          # grey or RGB, one image pixel = one PNG pixel
         print(f"wrote {args.png}")
     if args.tensor:
         torch.save(result.images, args.tensor)

@@ -22,7 +22,8 @@ import torch
 SKIP_MODES = ("pre", "post", "none")
 SCHEDULES = ("linear", "cosine")     # schedules.make_schedule builds each of these
 LR_DECAYS = ("constant", "cosine")
-PRECISIONS = ("fp16", "bf16", "fp32")  # autocast dtype on CUDA; the CPU always trains in fp32
+PRECISIONS = ("fp16", "bf16", "fp32")  # TrainConfig.precision: the autocast dtype on CUDA
+CPU_PRECISIONS = ("fp32", "bf16")      # TrainConfig.cpu_precision: bf16 autocast on the CPU is opt-in
 LOSS_WEIGHTS = ("simple", "min_snr")   # diffusion.loss_weight builds each of these
 
 
@@ -147,8 +148,8 @@ class TrainConfig:
             _fail(f"p_uncond must be in [0, 1), got {self.p_uncond}")
         if self.precision not in PRECISIONS:
             _fail(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.cpu_precision not in ("fp32", "bf16"):
-            _fail(f"cpu_precision must be 'fp32' or 'bf16', got {self.cpu_precision!r}")
+        if self.cpu_precision not in CPU_PRECISIONS:
+            _fail(f"cpu_precision must be one of {CPU_PRECISIONS}, got {self.cpu_precision!r}")
         if self.loss_weight not in LOSS_WEIGHTS:
             _fail(f"loss_weight must be one of {LOSS_WEIGHTS}, got {self.loss_weight!r}")
         if not 0 < self.min_snr_gamma < float("inf"):

@@ -149,6 +149,13 @@ def check_training_data(data, model_cfg: ModelConfig) -> None:
                          "but the model is trained on [-1, 1] (use 2 * x - 1)")
 
 
+def check_global_batch(batch_size: int, world: int) -> None:
+    """``batch_size`` is the global batch: each of ``world`` processes computes an equal share."""
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} is the global batch, split evenly among the {world} "
+                         f"processes; choose a multiple of {world}")
+
+
 def finite_loss(loss: torch.Tensor, step: int) -> float:
     """The loss as a float (one host sync per step); FloatingPointError when it is NaN or inf."""
     value = loss.item()
@@ -191,9 +198,7 @@ class Trainer:
                  loader_workers: int = 2):
         check_training_data(data, model.config)
         self.rank, self.world = distributed.rank(), distributed.world_size()
-        if train.batch_size % self.world:
-            raise ValueError(f"the batch size {train.batch_size} is the global batch, split evenly among the "
-                             f"{self.world} processes; choose a multiple of {self.world}")
+        check_global_batch(train.batch_size, self.world)
         if self.world > 1 and len(data) < train.batch_size:
             raise ValueError(f"{len(data)} training images are fewer than one global batch of {train.batch_size}; "
                              "use more images or a smaller --batch-size")
@@ -215,8 +220,9 @@ class Trainer:
         # is fp32's: no scaling). On the CPU fp32, unless cpu_precision asks for bf16, which only
         # CPUs with bf16 instructions run fast (bench/cpu_efficiency.py measures it).
         cuda = self.device.type == "cuda"
-        self.amp = train.precision != "fp32" if cuda else train.cpu_precision == "bf16"
-        self.amp_dtype = torch.bfloat16 if (train.precision if cuda else train.cpu_precision) == "bf16" else torch.float16
+        precision = train.precision if cuda else train.cpu_precision
+        self.amp = precision != "fp32"
+        self.amp_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         if cuda and self.amp and self.amp_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(False):
             distributed.print0(f"{torch.cuda.get_device_name(self.device)} has no bf16: training in fp16 instead")
             self.amp_dtype = torch.float16

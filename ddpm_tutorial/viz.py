@@ -11,22 +11,24 @@ from .data import to_unit
 
 
 def grid_array(images: torch.Tensor, nrow: int | None = None, pad: int = 1):
-    """(N, 1, H, W) in [-1, 1] -> one (rows*(H+pad), cols*(W+pad)) array in [0, 1] for imshow."""
-    if images.ndim != 4 or images.shape[1] != 1:
-        raise ValueError(f"images must have shape (N, 1, H, W), got {tuple(images.shape)}")
-    n, _, h, w = images.shape
+    """(N, C, H, W) in [-1, 1], C = 1 (grey) or 3 (RGB) -> one array in [0, 1] for imshow:
+    (rows*(H+pad) - pad, cols*(W+pad) - pad), and a trailing axis of 3 for RGB; white between
+    the images and in empty cells."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, 1, H, W) or (N, 3, H, W), got {tuple(images.shape)}")
+    n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
-    canvas = torch.ones(rows * (h + pad) - pad, nrow * (w + pad) - pad)
+    canvas = torch.ones(c, rows * (h + pad) - pad, nrow * (w + pad) - pad)
     for i, img in enumerate(to_unit(images.detach().float().cpu())):
-        r, c = divmod(i, nrow)
-        canvas[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = img[0]
-    return canvas.numpy()
+        r, col = divmod(i, nrow)
+        canvas[:, r * (h + pad):r * (h + pad) + h, col * (w + pad):col * (w + pad) + w] = img
+    return (canvas[0] if c == 1 else canvas.permute(1, 2, 0)).numpy()
 
 
 def show_grid(images: torch.Tensor, nrow: int | None = None, title: str | None = None, ax=None,
               size: float = 0.6):
-    """Show (N, 1, H, W) images in [-1, 1] as a grid; returns the axes."""
+    """Show (N, 1 or 3, H, W) images in [-1, 1] as a grid; returns the axes."""
     arr = grid_array(images, nrow)
     if ax is None:
         _, ax = plt.subplots(figsize=(size * arr.shape[1] / 28 + 0.2, size * arr.shape[0] / 28 + 0.4))
