@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 
 import torch
 
 import common
-from speed import flops_per_image
+from speed import flops_per_image, repeat_for
 
 LEVERS = {"fp32": (False, torch.float32), "channels-last": (True, torch.float32),
           "bf16 autocast": (False, torch.bfloat16), "bf16 + channels-last": (True, torch.bfloat16)}
@@ -54,12 +53,9 @@ def make_step(preset, channels_last: bool, dtype):
 
 
 def rate(fn, seconds: float, per_call: float) -> float:
-    fn()                                              # warm-up: allocator, oneDNN primitives
-    calls, start = 0, time.perf_counter()
-    while calls == 0 or time.perf_counter() - start < seconds:
-        fn()
-        calls += 1
-    return calls * per_call / (time.perf_counter() - start)
+    """``per_call`` units (images, FLOPs) per second of ``fn``, timed by speed.repeat_for."""
+    calls, wall, _ = repeat_for(fn, seconds, "cpu")
+    return calls * per_call / wall
 
 
 def matmul_gflops(dtype, seconds: float) -> float:
