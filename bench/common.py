@@ -5,6 +5,7 @@ timing worker under a previous commit's package, so the package is imported insi
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import platform
@@ -34,6 +35,16 @@ def setup(args) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)
     return resolve_device(args.device)
+
+
+def with_sets(cfg, sets: dict):
+    """``cfg`` (a frozen config) with the ``FIELD=VALUE`` items of ``sets`` that it has, each read as
+    its default's type (tuples written 1-1-2, booleans true/false)."""
+    def parse(text: str, default):
+        if isinstance(default, tuple):
+            return tuple(int(v) for v in text.split("-"))
+        return text.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(text)
+    return dataclasses.replace(cfg, **{k: parse(v, getattr(cfg, k)) for k, v in sets.items() if hasattr(cfg, k)})
 
 
 def sync(device) -> None:

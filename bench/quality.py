@@ -35,15 +35,6 @@ BASELINE = "ours-cpu"
 PAPER_RECIPE = dict(lr=2e-4, warmup_steps=100, lr_decay="constant")
 
 
-def with_sets(cfg, sets: dict):
-    """``cfg`` with the ``--set`` fields it has, each read as its default's type (tuples as 1-1-2)."""
-    def parse(text: str, default):
-        if isinstance(default, tuple):
-            return tuple(int(v) for v in text.split("-"))
-        return text.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(text)
-    return dataclasses.replace(cfg, **{k: parse(v, getattr(cfg, k)) for k, v in sets.items() if hasattr(cfg, k)})
-
-
 def build(setup: str, recipe: str | None, sets: dict, data, labels, device):
     """The trainer of one set-up: ours from its preset, a peer with ``recipe`` ("paper" or "ours",
     the cpu preset's TrainConfig); ``--set`` fields replaced; weights initialised from train.seed."""
@@ -51,13 +42,13 @@ def build(setup: str, recipe: str | None, sets: dict, data, labels, device):
     from ddpm_tutorial.train import Trainer, build_trainer
     if setup in OURS:
         preset = PRESETS[OURS[setup]]
-        preset = dataclasses.replace(preset, diffusion=with_sets(preset.diffusion, sets))
-        train = with_sets(preset.train, sets)
+        preset = dataclasses.replace(preset, diffusion=common.with_sets(preset.diffusion, sets))
+        train = common.with_sets(preset.train, sets)
         x = data[:train.subset] if train.subset else data
-        return build_trainer(preset, x, device, model=with_sets(preset.model, sets), train=train,
+        return build_trainer(preset, x, device, model=common.with_sets(preset.model, sets), train=train,
                              labels=labels[:len(x)])
     cpu = PRESETS["cpu"]
-    train = with_sets(dataclasses.replace(cpu.train, **(PAPER_RECIPE if recipe == "paper" else {})), sets)
+    train = common.with_sets(dataclasses.replace(cpu.train, **(PAPER_RECIPE if recipe == "paper" else {})), sets)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train.seed)
         _, net = PEERS[setup]()

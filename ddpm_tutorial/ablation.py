@@ -218,7 +218,7 @@ def loss_by_t(model, schedule, x0: torch.Tensor, ts, seed: int = 0) -> dict:
 def denoising_probe(models: dict, schedule, x0: torch.Tensor, ts, seed: int = 0) -> dict:
     """For fixed x_0 and each t in ``ts``: noise once with Eq. 4 (the same eps for every model)
     and return each model's hat-x_0 (Eq. 4 inverted). {name: {t: (N, 1, H, W)}}, plus "x_t"."""
-    from .diffusion import predict_x0_from_eps, q_sample
+    from .diffusion import eps_and_x0, q_sample
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     out = {"x_t": {}}
     for t_index in ts:
@@ -226,6 +226,6 @@ def denoising_probe(models: dict, schedule, x0: torch.Tensor, ts, seed: int = 0)
         xt = q_sample(schedule, x0, t, eps)
         out["x_t"][t_index] = xt
         for name, model in models.items():
-            x0_hat = predict_x0_from_eps(schedule, xt, t, model.eval()(xt, t))
+            _, x0_hat = eps_and_x0(schedule, xt, t, model.eval()(xt, t))
             out.setdefault(name, {})[t_index] = x0_hat.clamp(-1, 1)
     return out

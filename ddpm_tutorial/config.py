@@ -25,6 +25,7 @@ LR_DECAYS = ("constant", "cosine")
 PRECISIONS = ("fp16", "bf16", "fp32")  # TrainConfig.precision: the autocast dtype on CUDA
 CPU_PRECISIONS = ("fp32", "bf16")      # TrainConfig.cpu_precision: bf16 autocast on the CPU is opt-in
 LOSS_WEIGHTS = ("simple", "min_snr")   # diffusion.loss_weight builds each of these
+PREDICTIONS = ("eps", "v")             # what the network predicts: diffusion.eps_and_x0 reads each
 
 
 def _fail(message: str) -> None:
@@ -92,10 +93,17 @@ class DiffusionConfig:
     schedule: str = "linear"      # "linear" (paper) or "cosine" (Nichol & Dhariwal 2021)
     beta_start: float = 1e-4      # linear schedule: beta_1
     beta_end: float = 0.02        # linear schedule: beta_T
+    prediction: str = "eps"       # the network's output: "eps" (paper) or "v" (Salimans & Ho 2022)
+    zero_terminal_snr: bool = False   # rescale the schedule to bar-alpha_T = 0 (Lin et al. 2024); needs "v"
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             _fail(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.prediction not in PREDICTIONS:
+            _fail(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.zero_terminal_snr and self.prediction != "v":
+            _fail("zero_terminal_snr=True needs prediction='v': at bar-alpha_T = 0 the noise is x_T "
+                  "itself, so an eps-prediction says nothing about x_0 at t = T")
         if not isinstance(self.T, int) or self.T < 1:
             _fail(f"T must be an integer >= 1, got {self.T!r}")
         if not 0 < self.beta_start <= self.beta_end < 1:

@@ -108,6 +108,43 @@ def predict_x0_from_eps(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tens
             / extract(schedule.sqrt_alpha_bar, t, xt.shape))
 
 
+def v_target(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The velocity a v-prediction network learns (Salimans & Ho 2022, Appendix D):
+
+        v = sqrt(bar-alpha_t) eps - sqrt(1 - bar-alpha_t) x_0
+
+    Where the SNR is low, v is mostly -x_0 and the network predicts the image, not the noise:
+    x_0 needs no division by sqrt(bar-alpha_t) (see :func:`eps_and_x0`).
+    """
+    check_images(x0, "x0")
+    check_timesteps(t, schedule.T, batch=x0.shape[0])
+    _check_pair(x0, eps, "x0", "eps")
+    return (extract(schedule.sqrt_alpha_bar, t, x0.shape) * eps
+            - extract(schedule.sqrt_one_minus_alpha_bar, t, x0.shape) * x0)
+
+
+def eps_and_x0(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor,
+               output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's ``output`` read as (hat-eps, hat-x_0), whatever ``schedule.prediction`` it learnt:
+
+        "eps":  hat-eps = output,  hat-x_0 = (x_t - sqrt(1 - bar-alpha_t) hat-eps) / sqrt(bar-alpha_t)
+        "v":    hat-x_0 = sqrt(bar-alpha_t) x_t - sqrt(1 - bar-alpha_t) hat-v
+                hat-eps = sqrt(1 - bar-alpha_t) x_t + sqrt(bar-alpha_t) hat-v
+
+    (the v lines invert v_target with Eq. 4, as bar-alpha + (1 - bar-alpha) = 1). The v form
+    never divides, so it stays exact at bar-alpha_T = 0 (zero terminal SNR).
+    xt, output: (B, C, H, W); t: (B,). Returns (hat-eps, hat-x_0), both (B, C, H, W).
+    """
+    if schedule.prediction == "eps":
+        return output, predict_x0_from_eps(schedule, xt, t, output)
+    check_images(xt, "xt")
+    check_timesteps(t, schedule.T, batch=xt.shape[0])
+    _check_pair(xt, output, "xt", "v_theta")
+    a = extract(schedule.sqrt_alpha_bar, t, xt.shape)
+    sigma = extract(schedule.sqrt_one_minus_alpha_bar, t, xt.shape)
+    return sigma * xt + a * output, a * xt - sigma * output
+
+
 def eps_posterior_mean(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor,
                        eps: torch.Tensor) -> torch.Tensor:
     """The reverse-process mean written with the noise (Eq. 11):
@@ -155,13 +192,15 @@ def loss_weight(schedule: NoiseSchedule, kind: str = "simple", gamma: float = 5.
     with SNR_t = bar-alpha_t / (1 - bar-alpha_t). For eps-prediction, min_snr is the x_0-loss
     weight min(SNR_t, gamma) rewritten in eps (||x_0 - hat-x_0||^2 = ||eps - eps_theta||^2 / SNR_t):
     1 at the noisy timesteps (SNR < gamma), down-weighted where SNR is large, i.e. the nearly
-    clean images whose denoising L_simple spends much of its gradient on.
+    clean images whose denoising L_simple spends much of its gradient on. A v-prediction
+    network's loss is ||v - v_theta||^2 = (SNR_t + 1) ||x_0 - hat-x_0||^2, so there
+    min_snr is w_t = min(SNR_t, gamma) / (SNR_t + 1), finite at SNR_T = 0.
     """
     if kind == "simple":
         return torch.ones_like(schedule.alpha_bar)
     if kind == "min_snr":
         snr = schedule.snr
-        return (snr.clamp(max=gamma) / snr).float()
+        return (snr.clamp(max=gamma) / (snr + 1 if schedule.prediction == "v" else snr)).float()
     raise ValueError(f"loss weight must be 'simple' or 'min_snr', got {kind!r}")
 
 
@@ -172,7 +211,8 @@ def loss_simple(model, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tenso
 
         L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(bar-alpha_t) x_0 + sqrt(1 - bar-alpha_t) eps, t) ||^2
 
-    t ~ Uniform{0..T-1} and eps ~ N(0, I) are drawn when not given.
+    t ~ Uniform{0..T-1} and eps ~ N(0, I) are drawn when not given. For a v-prediction
+    schedule (``schedule.prediction == "v"``) the target is :func:`v_target` instead of eps.
     reduction="none" returns the per-sample loss (B,), used for the loss per t bucket.
     y: class labels (B,) for a class-conditional model (Ho & Salimans 2022), else None.
     """
@@ -183,8 +223,9 @@ def loss_simple(model, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tenso
     if eps is None:  # Algorithm 1, line 4
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     xt = q_sample(schedule, x0, t, eps)
-    eps_theta = model(xt, t) if y is None else model(xt, t, y)
-    per_sample = F.mse_loss(eps_theta.float(), eps.float(), reduction="none").mean(dim=(1, 2, 3))
+    output = model(xt, t) if y is None else model(xt, t, y)
+    target = eps if schedule.prediction == "eps" else v_target(schedule, x0, t, eps)
+    per_sample = F.mse_loss(output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if reduction == "none":
         return per_sample
     if reduction == "mean":
@@ -201,15 +242,17 @@ def p_sample(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, eps_the
     with sigma_t^2 = beta_t (the paper's choice) and z = 0 at the last step (index t = 0).
     ``clip_x0=True`` is an explicit deviation (the paper's released code does it):
     hat-x_0 is clipped to [-1, 1] and the mean becomes tilde-mu_t(x_t, hat-x_0) of Eq. 7.
+    A v-prediction network's output (``schedule.prediction == "v"``) is read by :func:`eps_and_x0`
+    and the mean is tilde-mu_t(x_t, hat-x_0), the same mean written without the division.
 
     xt, eps_theta, z: (B, C, H, W); t: (B,). Returns (x_{t-1}, hat-x_0), both (B, C, H, W).
     """
     check_images(xt, "xt")
     check_timesteps(t, schedule.T, batch=xt.shape[0])
     _check_pair(xt, eps_theta, "xt", "eps_theta")
-    x0_hat = predict_x0_from_eps(schedule, xt, t, eps_theta)
-    if clip_x0:
-        x0_hat = x0_hat.clamp(-1, 1)
+    _, x0_hat = eps_and_x0(schedule, xt, t, eps_theta)
+    if clip_x0 or schedule.prediction == "v":
+        x0_hat = x0_hat.clamp(-1, 1) if clip_x0 else x0_hat
         mean, _ = q_posterior(schedule, x0_hat, xt, t)
     else:
         mean = eps_posterior_mean(schedule, xt, t, eps_theta)

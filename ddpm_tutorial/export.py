@@ -64,6 +64,9 @@ def schedule_coefficients(schedule, steps_range=STEPS_RANGE) -> dict:
     values the Python sampler uses. ``ddim_timesteps[str(n)]`` is tau for n steps.
     """
     lo, hi = steps_range
+    if schedule.prediction != "eps":   # the page's JavaScript sampler reads its output as eps
+        raise ValueError(f"the in-browser demo runs eps-prediction models only; this checkpoint's network "
+                         f"predicts {schedule.prediction!r}")
     if not 1 <= lo <= hi <= schedule.T:
         raise ValueError(f"steps_range must satisfy 1 <= lo <= hi <= T={schedule.T}, got {steps_range}")
     return {

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion import p_sample, predict_x0_from_eps
+from .diffusion import eps_and_x0, p_sample
 from .schedules import NoiseSchedule
 
 
@@ -46,6 +46,8 @@ def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None =
 
     y None: the unconditional eps_theta(x_t, t). w = 0: the conditional prediction alone.
     For w > 0 both branches run as ONE network call on a doubled batch (2B, C, H, W).
+    A v-prediction network's v_theta combines the same way (hat-eps is affine in v_theta at fixed
+    x_t, with coefficients that do not depend on the class).
     """
     if y is None:
         return model(x, t).float()
@@ -226,8 +228,8 @@ def sample(model, schedule: NoiseSchedule, method: str = "ddim", n: int = 16, st
     for i, t_index in enumerate(tqdm(taus, desc=label, disable=not progress, mininterval=2.0)):
         s_index = taus[i + 1] if i + 1 < len(taus) else None
         t = torch.full((n,), t_index, device=device, dtype=torch.long)
-        eps_theta = guided_eps(model, x, t, y, guidance)                  # 1. predict eps
-        x0_hat = predict_x0_from_eps(schedule, x, t, eps_theta)           # 2. hat-x_0
+        output = guided_eps(model, x, t, y, guidance)                     # 1. predict eps (or v)
+        eps_theta, x0_hat = eps_and_x0(schedule, x, t, output)            # 2. hat-x_0
         if clip_x0:
             x0_hat = x0_hat.clamp(-1, 1)
         if t_index in record:

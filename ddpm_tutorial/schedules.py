@@ -18,6 +18,8 @@ code               paper
 ``beta_tilde``     tilde-beta_t, variance of q(x_{t-1} | x_t, x_0) (Eq. 7)
 ``sigma``          sigma_t, std of the reverse step; sigma_t^2 = beta_t (paper)
 ``snr``            signal-to-noise ratio bar-alpha_t / (1 - bar-alpha_t)
+``v``              v = sqrt(bar-alpha_t) eps - sqrt(1 - bar-alpha_t) x_0, the
+                   target of a v-prediction network (Salimans & Ho 2022)
 =================  ==========================================================
 
 Everything is computed in float64 (products of 1000 numbers near 1 lose
@@ -30,7 +32,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .config import SCHEDULES, DiffusionConfig
+from .config import PREDICTIONS, SCHEDULES, DiffusionConfig
 
 
 def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -50,9 +52,29 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> to
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
 
 
+def rescale_zero_terminal_snr(beta: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2024), Algorithm 1: shift and scale sqrt(bar-alpha_t) so that it keeps its first
+    value and ends at exactly 0, then read the betas back:
+
+        sqrt(bar-alpha_t)' = (sqrt(bar-alpha_t) - sqrt(bar-alpha_T)) * sqrt(bar-alpha_1)
+                             / (sqrt(bar-alpha_1) - sqrt(bar-alpha_T))
+
+    so x_T is pure noise (SNR_T = 0) and training sees the noise level the sampler starts from.
+    The last beta becomes 1. float64 (T,); needs T >= 2.
+    """
+    if beta.ndim != 1 or beta.numel() < 2:
+        raise ValueError(f"zero terminal SNR needs at least 2 steps, got betas of shape {tuple(beta.shape)}")
+    sqrt_ab = torch.cumprod(1 - beta.double(), dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    alpha_bar = ((sqrt_ab - last) * first / (first - last)) ** 2
+    alpha = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alpha
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """Every per-step coefficient the math needs, each a float32 tensor of shape (T,)."""
+    """Every per-step coefficient the math needs, each a float32 tensor of shape (T,), and what
+    the network predicts (``prediction``: "eps" or "v", read by ``diffusion.eps_and_x0``)."""
     beta: torch.Tensor
     alpha: torch.Tensor
     alpha_bar: torch.Tensor
@@ -62,6 +84,7 @@ class NoiseSchedule:
     beta_tilde: torch.Tensor          # posterior variance, Eq. 7
     posterior_mean_coef_x0: torch.Tensor   # Eq. 7, coefficient of x_0
     posterior_mean_coef_xt: torch.Tensor   # Eq. 7, coefficient of x_t
+    prediction: str = "eps"
 
     @property
     def T(self) -> int:
@@ -76,10 +99,17 @@ class NoiseSchedule:
         return self.beta.device
 
     @classmethod
-    def from_betas(cls, beta: torch.Tensor) -> "NoiseSchedule":
+    def from_betas(cls, beta: torch.Tensor, prediction: str = "eps") -> "NoiseSchedule":
+        """The coefficients of the betas (T,); the last beta may be 1 (zero terminal SNR)."""
         beta = beta.to(torch.float64)
-        if beta.ndim != 1 or beta.numel() == 0 or not ((beta > 0) & (beta < 1)).all():
-            raise ValueError("betas must be a 1-D tensor with every value in (0, 1)")
+        if (beta.ndim != 1 or beta.numel() == 0 or not ((beta[:-1] > 0) & (beta[:-1] < 1)).all()
+                or not 0 < beta[-1] <= 1):
+            raise ValueError("betas must be a 1-D tensor with every value in (0, 1) "
+                             "(the last may be 1: zero terminal SNR)")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if beta[-1] == 1 and prediction != "v":
+            raise ValueError("a schedule with bar-alpha_T = 0 (zero terminal SNR) needs prediction='v'")
         alpha = 1 - beta
         alpha_bar = torch.cumprod(alpha, dim=0)
         alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
@@ -90,27 +120,33 @@ class NoiseSchedule:
             posterior_mean_coef_x0=alpha_bar_prev.sqrt() * beta / (1 - alpha_bar),
             posterior_mean_coef_xt=alpha.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar),
         )
-        return cls(**{k: v.to(torch.float32) for k, v in coeffs.items()})
+        return cls(**{k: v.to(torch.float32) for k, v in coeffs.items()}, prediction=prediction)
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig | None = None) -> "NoiseSchedule":
         cfg = cfg or DiffusionConfig()
-        return make_schedule(cfg.schedule, cfg.T, cfg.beta_start, cfg.beta_end)
+        return make_schedule(cfg.schedule, cfg.T, cfg.beta_start, cfg.beta_end,
+                             zero_terminal_snr=cfg.zero_terminal_snr, prediction=cfg.prediction)
 
     def to(self, device) -> "NoiseSchedule":
-        return NoiseSchedule(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return NoiseSchedule(**{f.name: getattr(self, f.name).to(device) if f.name != "prediction"
+                                else self.prediction for f in fields(self)})
 
 
 def make_schedule(name: str = "linear", T: int = 1000, beta_start: float = 1e-4,
-                  beta_end: float = 0.02) -> NoiseSchedule:
-    """The schedule called ``name`` (one of ``config.SCHEDULES``) with ``T`` steps."""
+                  beta_end: float = 0.02, zero_terminal_snr: bool = False,
+                  prediction: str = "eps") -> NoiseSchedule:
+    """The schedule called ``name`` (one of ``config.SCHEDULES``) with ``T`` steps, rescaled to
+    zero terminal SNR when asked (:func:`rescale_zero_terminal_snr`), for a network that
+    predicts ``prediction``."""
     betas = {"linear": lambda: linear_betas(T, beta_start, beta_end),
              "cosine": lambda: cosine_betas(T)}
     if name not in betas:
         raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULES}")
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"T must be an integer >= 1, got {T!r}")
-    return NoiseSchedule.from_betas(betas[name]())
+    beta = betas[name]()
+    return NoiseSchedule.from_betas(rescale_zero_terminal_snr(beta) if zero_terminal_snr else beta, prediction)
 
 
 def check_timesteps(t: torch.Tensor, T: int, batch: int | None = None) -> None:

@@ -99,6 +99,19 @@ class OracleEps(_EpsModel):
                 / s.sqrt_one_minus_alpha_bar[t].reshape(-1, 1, 1, 1))
 
 
+class OracleV(OracleEps):
+    """v_theta that knows the one data point x_0 (Salimans & Ho 2022):
+
+        v(x_t, t) = sqrt(bar-alpha_t) eps(x_t, t) - sqrt(1 - bar-alpha_t) x_0
+
+    with the oracle's eps; at bar-alpha_T = 0 (zero terminal SNR) it is -x_0."""
+
+    def forward(self, xt, t):
+        s = self.schedule
+        a, sigma = (c[t].reshape(-1, 1, 1, 1) for c in (s.sqrt_alpha_bar, s.sqrt_one_minus_alpha_bar))
+        return a * (xt - a * self.x0) / sigma - sigma * self.x0
+
+
 class GaussianDataEps(_EpsModel):
     """The exact eps-prediction when the data is Gaussian, x_0 ~ N(m, s^2 I) per pixel:
 
@@ -129,6 +142,12 @@ class GaussianDataEps(_EpsModel):
 def oracle():
     """Factory: ``oracle(schedule, x0)`` -> the denoiser that knows x_0 (:class:`OracleEps`)."""
     return OracleEps
+
+
+@pytest.fixture
+def oracle_v():
+    """Factory: ``oracle_v(schedule, x0)`` -> the v-prediction network that knows x_0 (:class:`OracleV`)."""
+    return OracleV
 
 
 @pytest.fixture

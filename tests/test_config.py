@@ -199,6 +199,8 @@ CONFIG_ERRORS = [
     (DiffusionConfig, dict(T=0), "T must be an integer >= 1, got 0"),
     (DiffusionConfig, dict(T=10.5), "T must be an integer >= 1, got 10.5"),
     (DiffusionConfig, dict(beta_start=0.1, beta_end=0.01), "need 0 < beta_start <= beta_end < 1"),
+    (DiffusionConfig, dict(prediction="x0"), r"prediction must be one of \('eps', 'v'\), got 'x0'"),
+    (DiffusionConfig, dict(zero_terminal_snr=True), "zero_terminal_snr=True needs prediction='v'"),
     *[(TrainConfig, dict(ema_decay=bad), rf"ema_decay must be in \[0, 1\), got {bad}") for bad in (1.0, -0.1, 1.5)],
     (TrainConfig, dict(lr_decay="linear"), r"lr_decay must be one of \('constant', 'cosine'\), got 'linear'"),
     (TrainConfig, dict(steps=0), "steps must be >= 1, got 0"),
