@@ -115,6 +115,7 @@ class TrainConfig:
     steps: int = 3000             # optimiser steps
     batch_size: int = 64
     lr: float = 2e-4              # the paper's Adam learning rate
+    adam_beta2: float = 0.999     # Adam's second-moment decay (the paper's, torch's default); EDM2 uses 0.99
     warmup_steps: int = 100       # linear warm-up (the paper used 5000 on CIFAR-10)
     lr_decay: str = "constant"    # "constant" (paper) or "cosine" down to 10% at the end
     ema_decay: float = 0.999      # the paper's 0.9999 suits 800k steps, not a few thousand
@@ -144,6 +145,8 @@ class TrainConfig:
             _fail(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0 < self.lr < float("inf"):
             _fail(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0.0 < self.adam_beta2 < 1.0:
+            _fail(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
         if self.warmup_steps < 0:
             _fail(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not self.grad_clip > 0:

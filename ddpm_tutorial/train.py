@@ -215,7 +215,7 @@ class Trainer:
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(train))
         self.weight = loss_weight(self.schedule, train.loss_weight, train.min_snr_gamma)   # (T,): ones = L_simple
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.lr)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.lr, betas=(0.9, train.adam_beta2))
         # Autocast on CUDA: fp16 with loss scaling (a T4 has fast fp16, no bf16) or bf16 (its range
         # is fp32's: no scaling). On the CPU fp32, unless cpu_precision asks for bf16, which only
         # CPUs with bf16 instructions run fast (bench/cpu_efficiency.py measures it).

@@ -207,6 +207,7 @@ CONFIG_ERRORS = [
     (TrainConfig, dict(batch_size=0), "batch_size must be >= 1, got 0"),
     *[(TrainConfig, dict(lr=bad), "lr must be a finite number > 0") for bad in (0.0, -1e-3, float("inf"), float("nan"))],
     (TrainConfig, dict(subset=-1), "subset must be >= 0"),
+    *[(TrainConfig, dict(adam_beta2=bad), r"adam_beta2 must be in \(0, 1\)") for bad in (0.0, 1.0, float("nan"))],
     (TrainConfig, dict(loss_weight="p2"), r"loss_weight must be one of \('simple', 'min_snr'\), got 'p2'"),
     *[(TrainConfig, dict(min_snr_gamma=bad), "min_snr_gamma must be a finite number > 0") for bad in (0.0, float("nan"))],
     *[(TrainConfig, dict(ema_power=bad), "ema_power must be a finite number >= 0") for bad in (-1.0, float("inf"))],

@@ -231,6 +231,11 @@ def test_power_ema_follows_karras_beta(make_trainer):
     assert not torch.allclose(expected, w)       # the average is not just the last weights
 
 
+def test_adam_beta2_reaches_the_optimizer(make_trainer):
+    assert make_trainer().optimizer.param_groups[0]["betas"] == (0.9, 0.999)     # the paper's Adam
+    assert make_trainer(adam_beta2=0.99).optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+
+
 def test_min_snr_weight_scales_each_samples_loss(make_trainer):
     """loss_weight="min_snr": the optimised loss is mean_b w_{t_b} ||eps - eps_theta||^2 with the
     Min-SNR weights, on the same batch (same seed and step) as L_simple."""
