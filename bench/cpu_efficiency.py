@@ -9,9 +9,10 @@ Prints a markdown table (and JSON with --json); asserts nothing.
 Levers, each a whole Algorithm-1 step (forward, backward, Adam) of the cpu preset's network at
 its batch size on random data: fp32 (the preset), channels-last memory format, bf16 autocast
 (fast only where the CPU has AVX-512-bf16 or AMX; /proc/cpuinfo says which), both together,
-and torch's thread count 1 against the default; ``--variants``: fp32 steps of the preset with one
-ModelConfig or TrainConfig field changed (a wider network, a smaller batch), to convert a lever
-that changes the cost of a step into the steps it buys in the preset's time. The variants are timed in alternation, round
+and torch's thread count 1 against the default; ``--variants``: steps of the preset with
+ModelConfig or TrainConfig fields changed (a wider network, a smaller batch; bf16 autocast
+where the variant sets ``cpu_precision=bf16``), to convert a lever that changes the cost of a
+step into the steps it buys in the preset's time. The variants are timed in alternation, round
 after round, so a change in the machine's load hits all of them; the table gives each one's
 median rate and its ratio to fp32. Peak: a 2048 x 2048 matmul in fp32 and bf16 on the same
 threads. Achieved GFLOP/s of a step: images/s x 3 x forward FLOPs (backward costs about twice
@@ -73,7 +74,7 @@ def main():
     p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per variant per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", nargs="*", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
-                   help="fp32 variants of the preset, each with these ModelConfig / TrainConfig fields replaced")
+                   help="variants of the preset, each with these ModelConfig / TrainConfig fields replaced")
     common.add_run_args(p)
     args = p.parse_args()
     from ddpm_tutorial.config import PRESETS
@@ -86,7 +87,8 @@ def main():
         sets = dict(item.partition("=")[::2] for item in text.split(","))
         presets[text] = dataclasses.replace(preset, model=common.with_sets(preset.model, sets),
                                             train=common.with_sets(preset.train, sets))
-    steps = {name: make_step(presets[name], *LEVERS.get(name, LEVERS["fp32"])) for name in presets}
+    steps = {name: make_step(presets[name], *LEVERS.get(name, LEVERS[
+        "bf16 autocast" if presets[name].train.cpu_precision == "bf16" else "fp32"])) for name in presets}
     gflops = {name: flops_per_image(model) / 1e9 for name, (_, model) in steps.items()}
     gflop = gflops["fp32"]
     rates = {name: [] for name in [*presets] + (["fp32, 1 thread"] if threads > 1 else [])}
