@@ -34,6 +34,7 @@ def sweep(model, schedule, args, device) -> list:
                                               clip_x0=args.clip_x0, eta=eta)
         name = NAMES[method] + (f" (eta {eta:g})" if eta else "")
         rows.append({"sampler": name, "steps": steps, "n": n, "seconds": seconds,
+                     "mean_pixel": (images.mean().item() + 1) / 2,     # in [0, 1]; the data's: 0.286
                      **sample_quality(images, n_boot=args.n_boot).as_dict()})
         common.log(f"    FD {common.fd_cell(rows[-1])}, {seconds:.1f} s")
     return rows
@@ -46,9 +47,9 @@ def print_sweep(result: dict) -> None:
     ddpm = {r["n"]: r["fd"] for r in rows if r["sampler"] == "DDPM"}
     common.print_table(
         ["sampler", "steps (network calls)", "n", "seconds", "ms / image", "FD ± std", "floor (real)",
-         "ceiling (noise)", "FD / FD(DDPM-1000)"],
+         "ceiling (noise)", "mean pixel", "FD / FD(DDPM-1000)"],
         [[r["sampler"], r["steps"], r["n"], f"{r['seconds']:.1f}", f"{1000 * r['seconds'] / r['n']:.1f}",
-          common.fd_cell(r), f"{r['fd_real']:.2f}", f"{r['fd_noise']:.1f}",
+          common.fd_cell(r), f"{r['fd_real']:.2f}", f"{r['fd_noise']:.1f}", f"{r.get('mean_pixel', float('nan')):.3f}",
           f"{r['fd'] / ddpm[r['n']]:.2f}" if r["n"] in ddpm else "n/a"] for r in rows])
     if len({r["n"] for r in rows}) > 1:
         print("\nCompare FD only between rows of equal n (its bias depends on n).")
