@@ -10,7 +10,7 @@ Prints a markdown table (and JSON with --json); asserts nothing.
 
 Every set-up trains with our ``Trainer`` on Fashion-MNIST's 60k images (linear betas, T=1000,
 eps prediction, L_simple, Adam, gradient clipping, EMA, one data order per seed) for the same
-budget; then its EMA weights draw n DDIM samples (eta 0, the same x_T for all) that
+budget; then its EMA weights draw n DDIM samples (eta 0 unless --eta, the same x_T for all) that
 ``sample_quality`` scores with a bootstrap spread. Only the network and the recipe differ.
 """
 from __future__ import annotations
@@ -94,8 +94,9 @@ def run_setup(setup: str, recipe: str | None, args, data, labels, device) -> dic
     seconds = train(trainer, None if args.steps else args.minutes, args.steps)
     net = trainer.ema.module if args.sample_from == "ema" else trainer.model
     bn_refreshed = args.sample_from == "ema" and refresh_batchnorm(net, trainer)
-    common.log(f"[{name}] {trainer.step} steps; sampling {args.n} with DDIM {args.ddim_steps}")
-    images, sample_s = common.draw_samples(net, trainer.schedule, "ddim", args.n, args.ddim_steps, args.seed, device)
+    common.log(f"[{name}] {trainer.step} steps; sampling {args.n} with DDIM {args.ddim_steps}, eta {args.eta:g}")
+    images, sample_s = common.draw_samples(net, trainer.schedule, "ddim", args.n, args.ddim_steps, args.seed, device,
+                                           eta=args.eta)
     quality = sample_quality(images, n_boot=args.n_boot).as_dict()
     common.log(f"[{name}] FD {common.fd_cell(quality)}")
     loss = trainer.history.loss[-100:]
@@ -104,6 +105,7 @@ def run_setup(setup: str, recipe: str | None, args, data, labels, device) -> dic
               "diffusion": dataclasses.asdict(trainer.diffusion_cfg), "steps_done": trainer.step, "budget": budget,
               "train_seconds": seconds, "images_per_s": trainer.step * cfg.batch_size / seconds,
               "final_loss": sum(loss) / len(loss), "sample_seconds": sample_s, "ddim_steps": args.ddim_steps,
+              "eta": args.eta,
               "seed": args.seed, "sampled_from": args.sample_from, "bn_refreshed": bn_refreshed,
               "quality": quality}
     if args.json and setup in OURS:     # keep the weights: bench/samplers.py --checkpoint sweeps them
@@ -130,11 +132,12 @@ def print_results(results: list) -> None:
                         f"FD / FD({base['name'] if base else BASELINE})"], rows)
     r0 = results[0]
     print(f"\nEach set-up: {r0['budget']} of training; {r0['sampled_from'].upper()} weights, DDIM "
-          f"{r0['ddim_steps']} steps, eta 0, seed {r0['seed']}, n={r0['quality']['n']}; FD on the Fashion-MNIST "
+          f"{r0['ddim_steps']} steps, eta {r0.get('eta', 0.0):g}, seed {r0['seed']}, n={r0['quality']['n']}; FD on the Fashion-MNIST "
           "classifier's features (not comparable with published FIDs), ± its bootstrap spread. "
           "Final loss: mean of the last 100 steps. Recipes: ours-* and 'ours' = the cpu preset's "
           "(warm-up, cosine decay to 10% ending with the budget, EMA); 'paper' = lr 2e-4 constant.")
-    if len({(r["budget"], r["sampled_from"], r["ddim_steps"], r["seed"], r["quality"]["n"], r["hardware"])
+    if len({(r["budget"], r["sampled_from"], r["ddim_steps"], r.get("eta", 0.0), r["seed"], r["quality"]["n"],
+             r["hardware"])
             for r in results}) > 1:
         print("WARNING: these results differ in budget, sampler, seed, n or hardware; they do not compare.")
     if any(r["bn_refreshed"] for r in results):
@@ -157,6 +160,7 @@ def main():
     budget.add_argument("--steps", type=int, help="a budget in optimiser steps instead (reproducible)")
     p.add_argument("--n", type=int, default=500, help="samples scored per set-up")
     p.add_argument("--ddim-steps", type=int, default=100)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (1: the stochastic sampler of chapter 5)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (x_T)")
     p.add_argument("--sample-from", choices=("ema", "live"), default="ema")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples behind each FD spread")
