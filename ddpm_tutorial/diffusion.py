@@ -251,11 +251,12 @@ def p_sample(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, eps_the
     check_timesteps(t, schedule.T, batch=xt.shape[0])
     _check_pair(xt, eps_theta, "xt", "eps_theta")
     _, x0_hat = eps_and_x0(schedule, xt, t, eps_theta)
+    if clip_x0:
+        x0_hat = x0_hat.clamp(-1, 1)
     if clip_x0 or schedule.prediction == "v":
-        x0_hat = x0_hat.clamp(-1, 1) if clip_x0 else x0_hat
-        mean, _ = q_posterior(schedule, x0_hat, xt, t)
+        mean, _ = q_posterior(schedule, x0_hat, xt, t)            # Eq. 7 with hat-x_0
     else:
-        mean = eps_posterior_mean(schedule, xt, t, eps_theta)
+        mean = eps_posterior_mean(schedule, xt, t, eps_theta)     # Eq. 11
     if z is None:
         z = torch.randn_like(xt)
     _check_pair(xt, z, "xt", "z")
