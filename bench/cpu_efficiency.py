@@ -87,8 +87,10 @@ def main():
         sets = dict(item.partition("=")[::2] for item in text.split(","))
         presets[text] = dataclasses.replace(preset, model=common.with_sets(preset.model, sets),
                                             train=common.with_sets(preset.train, sets))
-    steps = {name: make_step(presets[name], *LEVERS.get(name, LEVERS[
-        "bf16 autocast" if presets[name].train.cpu_precision == "bf16" else "fp32"])) for name in presets}
+    levers = {name: LEVERS.get(name, LEVERS["bf16 autocast" if presets[name].train.cpu_precision == "bf16"
+                                             else "fp32"]) for name in presets}   # (channels_last, dtype)
+    levers["fp32, 1 thread"] = LEVERS["fp32"]
+    steps = {name: make_step(presets[name], *levers[name]) for name in presets}
     gflops = {name: flops_per_image(model) / 1e9 for name, (_, model) in steps.items()}
     gflop = gflops["fp32"]
     rates = {name: [] for name in [*presets] + (["fp32, 1 thread"] if threads > 1 else [])}
@@ -104,7 +106,7 @@ def main():
     base = statistics.median(rates["fp32"])
     rows = [[name, f"{statistics.median(v):.1f}", f"{statistics.median(v) / base:.2f}",
              f"{3 * gflops.get(name, gflop) * statistics.median(v):.1f}",
-             f"{3 * gflops.get(name, gflop) * statistics.median(v) / peak[torch.bfloat16 if 'bf16' in name else torch.float32]:.0%}"]
+             f"{3 * gflops.get(name, gflop) * statistics.median(v) / peak[levers[name][1]]:.0%}"]
             for name, v in rates.items()]
     common.print_table(["variant", "train img/s (median)", "ratio to fp32", "achieved GFLOP/s",
                         "of matmul peak (same dtype)"], rows)

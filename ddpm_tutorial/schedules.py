@@ -28,7 +28,7 @@ digits in float32) and stored as float32 buffers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -129,8 +129,9 @@ class NoiseSchedule:
                              zero_terminal_snr=cfg.zero_terminal_snr, prediction=cfg.prediction)
 
     def to(self, device) -> "NoiseSchedule":
-        return NoiseSchedule(**{f.name: getattr(self, f.name).to(device) if f.name != "prediction"
-                                else self.prediction for f in fields(self)})
+        """The same schedule with every tensor on ``device`` (``prediction`` kept)."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def make_schedule(name: str = "linear", T: int = 1000, beta_start: float = 1e-4,

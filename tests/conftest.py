@@ -109,7 +109,7 @@ class OracleV(OracleEps):
     def forward(self, xt, t):
         s = self.schedule
         a, sigma = (c[t].reshape(-1, 1, 1, 1) for c in (s.sqrt_alpha_bar, s.sqrt_one_minus_alpha_bar))
-        return a * (xt - a * self.x0) / sigma - sigma * self.x0
+        return a * super().forward(xt, t) - sigma * self.x0
 
 
 class GaussianDataEps(_EpsModel):
