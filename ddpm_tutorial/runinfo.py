@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import time
 
 import torch
 
@@ -34,3 +35,18 @@ def describe_run(preset: Preset, device=None) -> str:
     """The line each chapter prints so its outputs say which preset and hardware produced them."""
     return (f"preset '{preset.name}' ({preset.description}) on {hardware_summary(device)}; "
             f"run {datetime.date.today().isoformat()}")
+
+
+class ChapterClock:
+    """The wall-clock time of one chapter's run: started in its first code cell, read in its last,
+    so every chapter prints how long it really took on the hardware that :func:`describe_run` names
+    (a measured time per preset instead of a promise)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def minutes(self) -> float:
+        return (time.perf_counter() - self.start) / 60
+
+    def __str__(self) -> str:
+        return f"{self.minutes():.1f} min"
