@@ -53,7 +53,7 @@ def _check_image_args(args) -> None:
 
 def _load_images(args, preset, main: bool):
     """(data, labels, model config) for --images: the preset's network at the folder's size and channels."""
-    from .data import load_image_folder
+    from .image_folder import load_image_folder
     size = args.image_size or preset.model.image_size
     channels = args.channels or (preset.model.in_channels if args.resume else None)
     data, labels = load_image_folder(args.images, size, channels, in_memory=False if args.stream else None,

@@ -134,7 +134,7 @@ class ShardSampler(torch.utils.data.Sampler):
 def check_training_data(data, model_cfg: ModelConfig) -> None:
     """Raise unless ``data`` is float (N, C, H, W) in [-1, 1] that fits the model, N >= 1, and
     not all >= 0 (images scaled to [0, 1] by mistake); or an image folder dataset
-    (data.ImageFolder) whose images have the model's shape.
+    (image_folder.ImageFolder) whose images have the model's shape.
     Checked once, before training, so a long run never starts on data it cannot use."""
     shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "image_shape"):
@@ -186,7 +186,7 @@ class Trainer:
     """Holds model, EMA, optimiser and history so training can stop, save and resume.
 
     ``data``: the training images, float (N, C, H, W) in [-1, 1], validated once here, or an
-    image folder too large for memory (data.ImageFolder), streamed by a DataLoader with
+    image folder too large for memory (image_folder.ImageFolder), streamed by a DataLoader with
     ``loader_workers`` processes. Build one from a preset with :func:`build_trainer`.
 
     Under torchrun (a process group is initialised: distributed.init) the model is wrapped in

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-import ddpm_tutorial.data as data_module
+import ddpm_tutorial.image_folder as image_folder_module
 from ddpm_tutorial.__main__ import main
 from ddpm_tutorial.checkpoint import load_checkpoint
 from ddpm_tutorial.config import TrainConfig, get_preset
-from ddpm_tutorial.data import ImageFolder, ImageFolderError, find_images, load_image, load_image_folder
+from ddpm_tutorial.image_folder import ImageFolder, ImageFolderError, find_images, load_image, load_image_folder
 from ddpm_tutorial.train import ShardSampler, batch_indices, build_trainer
 from ddpm_tutorial.unet import UNet, count_parameters
 
@@ -254,9 +254,9 @@ def test_cli_image_errors_are_one_line(tmp_path, capsys, args, message, monkeypa
 
 def test_in_memory_is_decided_by_size(tmp_path, monkeypatch):
     rgb_folder(tmp_path / "imgs", n=3, layout=False)
-    monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", 3 * 3 * 8 * 8 * 4)            # exactly fits
+    monkeypatch.setattr(image_folder_module, "IN_MEMORY_BYTES", 3 * 3 * 8 * 8 * 4)            # exactly fits
     assert isinstance(load_image_folder(tmp_path / "imgs", 8, log=lambda *a: None)[0], torch.Tensor)
-    monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", 3 * 3 * 8 * 8 * 4 - 1)
+    monkeypatch.setattr(image_folder_module, "IN_MEMORY_BYTES", 3 * 3 * 8 * 8 * 4 - 1)
     lines = []
     assert isinstance(load_image_folder(tmp_path / "imgs", 8, log=log_into(lines))[0], ImageFolder)
     assert "streamed from disk" in lines[0]
