@@ -191,8 +191,29 @@ def score(args, device) -> None:
           f"the cpu network trained the EDM way ({ckpt['step']} steps)")
 
 
+def noise_levels() -> None:
+    """Where each recipe puts its training noise: DDPM's t ~ U{1..T} on the linear schedule,
+    read as sigma_t = sqrt((1 - bar-alpha_t) / bar-alpha_t), against EDM's ln(sigma) ~ N(P_mean, P_std^2)."""
+    import math
+    from ddpm_tutorial.edm import P_MEAN, P_STD
+    from ddpm_tutorial.schedules import make_schedule
+    alpha_bar = make_schedule("linear").alpha_bar.double()
+    sigma_t = ((1 - alpha_bar) / alpha_bar).sqrt()
+    edm = torch.distributions.Normal(P_MEAN, P_STD)
+    edges = [0.0, math.exp(P_MEAN - P_STD), math.exp(P_MEAN + P_STD), 10.0, math.inf]
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        ddpm = ((sigma_t >= lo) & (sigma_t < hi)).double().mean().item()
+        cdf = [edm.cdf(torch.tensor(math.log(v))).item() if 0 < v < math.inf else float(v > 0) for v in (lo, hi)]
+        rows.append([f"{lo:.3g} to {hi:.3g}", f"{100 * ddpm:.1f} %", f"{100 * (cdf[1] - cdf[0]):.1f} %"])
+    print(f"\ntraining noise levels (DDPM: sigma_t from {sigma_t[0]:.4f} to {sigma_t[-1]:.1f}, median "
+          f"{sigma_t.median():.2f}; EDM: median {math.exp(P_MEAN):.2f})")
+    common.print_table(["sigma", "DDPM, t ~ U{1..T}", f"EDM, ln sigma ~ N({P_MEAN}, {P_STD}^2)"], rows)
+
+
 def report(args) -> None:
     from ddpm_tutorial.metrics import SampleQuality, fd_difference
+    noise_levels()
     files = {p.stem: json.loads(p.read_text()) for p in sorted(Path(args.out).glob("*.json"))}
     if "train" in files:
         t = files["train"]
