@@ -1,4 +1,4 @@
-"""The skip-connection ablation of chapter 6, as functions the chapter calls.
+"""The skip-connection ablation of chapter 7, as functions the chapter calls.
 
 Variants of one U-Net that differ only in what the decoder's skips carry:
 ``pre`` (features before downsampling: the standard U-Net), ``post`` (after
@@ -119,7 +119,7 @@ def cache_key(preset: Preset) -> dict:
 
 
 def cache_path(preset: Preset) -> Path:
-    """Where chapter 06 and ``tools/run_ablation.py`` keep a preset's finished runs (ignored by git)."""
+    """Where chapter 07 and ``tools/run_ablation.py`` keep a preset's finished runs (ignored by git)."""
     return Path("runs") / f"ablation_{preset.name}.pt"
 
 
@@ -189,15 +189,96 @@ def summarize(results: list, last: int = 100) -> list:
     return rows
 
 
-def compare(rows: list, a: str, b: str, key: str, k: float = 2.0) -> dict:
-    """The difference of the seed means of ``key`` between variants a and b, its standard error
-    (from the seeds' spread) and whether it exceeds k standard errors."""
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularised incomplete beta function, for x in [0, 1]."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):          # the fraction converges fast on this side
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with ``df`` degrees of freedom (df > 0, not necessarily an integer):
+
+        P(|T| > |t|) = I_{df / (df + t^2)}(df / 2, 1 / 2)
+    """
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_critical(df: float, level: float = 0.95) -> float:
+    """The two-sided critical value of Student's t: P(|T| <= c) = level (by bisection on the cdf).
+    df = 4, level 0.95: 2.776; df -> infinity: the normal's 1.960."""
+    if not df > 0:
+        raise ValueError(f"degrees of freedom must be > 0, got {df}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    target, lo, hi = 0.5 + level / 2, 0.0, 1.0
+    while student_t_cdf(hi, df) < target:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if student_t_cdf(mid, df) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def welch_df(s_a: float, n_a: int, s_b: float, n_b: int) -> float:
+    """The Welch-Satterthwaite degrees of freedom of a difference of two means, from the sample
+    standard deviations s and counts n of each side:
+
+        df = (s_a^2/n_a + s_b^2/n_b)^2 / ((s_a^2/n_a)^2 / (n_a - 1) + (s_b^2/n_b)^2 / (n_b - 1))
+
+    Equal spreads and n seeds each: 2 (n - 1), 4 for three seeds; one side without spread: n - 1."""
+    va, vb = s_a ** 2 / n_a, s_b ** 2 / n_b
+    return (va + vb) ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1))
+
+
+def compare(rows: list, a: str, b: str, key: str, level: float = 0.95) -> dict:
+    """Welch's t test on the seed means of ``key`` for variants a and b (rows from :func:`summarize`).
+
+    Returns the difference a - b, its standard error se = sqrt(s_a^2/n_a + s_b^2/n_b) from the
+    seeds' spread, the Welch-Satterthwaite degrees of freedom ``df``, the two-sided critical value
+    ``t_crit`` of Student's t at ``level`` for that df, and ``significant``: |diff| > t_crit * se.
+    With three seeds a side df is about 4 and t_crit about 2.8, not the normal's 2: few seeds
+    estimate the spread itself poorly. A single seed on either side has no spread: no claim.
+    """
     by = {r["variant"]: r for r in rows}
     ra, rb = by[a], by[b]
     diff = ra[key] - rb[key]
-    se = math.sqrt((ra[key + "_std"] ** 2 + rb[key + "_std"] ** 2) / ra["seeds"])
-    return {"a": a, "b": b, "key": key, "diff": diff, "se": se,
-            "significant": bool(ra["seeds"] > 1 and abs(diff) > k * se)}
+    out = {"a": a, "b": b, "key": key, "diff": diff, "level": level,
+           "se": float("nan"), "df": float("nan"), "t_crit": float("nan"), "t": float("nan"), "significant": False}
+    if ra["seeds"] < 2 or rb["seeds"] < 2:
+        return out
+    sa, sb = ra[key + "_std"], rb[key + "_std"]
+    se = math.sqrt(sa ** 2 / ra["seeds"] + sb ** 2 / rb["seeds"])
+    out["se"] = se
+    if se == 0:                            # identical values on both sides: any difference is exact
+        out["significant"] = diff != 0
+        return out
+    df = welch_df(sa, ra["seeds"], sb, rb["seeds"])
+    out.update(df=df, t_crit=t_critical(df, level), t=diff / se)
+    out["significant"] = bool(abs(diff) > out["t_crit"] * se)
+    return out
 
 
 @torch.no_grad()

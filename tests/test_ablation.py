@@ -1,4 +1,4 @@
-"""The ablation helpers of chapter 6: fair variants, one budget from the preset, a cache that
+"""The ablation helpers of chapter 7: fair variants, one budget from the preset, a cache that
 retrains nothing it has, and honest summaries."""
 from __future__ import annotations
 
@@ -73,16 +73,57 @@ def test_summarize_reports_mean_and_sample_std_over_seeds():
     assert [r["variant"] for r in ablation.summarize(mixed)] == ["post", "pre"]
 
 
-def test_compare_uses_the_seeds_standard_error():
+def test_compare_uses_the_seeds_standard_error_and_welchs_critical_value():
     rows = ablation.summarize([_result("pre", s, fd) for s, fd in enumerate([10.0, 12.0, 14.0])]
                               + [_result("post", s, fd) for s, fd in enumerate([20.0, 22.0, 24.0])])
     out = ablation.compare(rows, "post", "pre", "fd")
     assert out["diff"] == pytest.approx(10.0)
     assert out["se"] == pytest.approx(math.sqrt((4 + 4) / 3))       # sample std 2 on each side, 3 seeds
+    assert out["df"] == pytest.approx(4.0)                           # equal spreads: 2 (n - 1)
+    assert out["t_crit"] == pytest.approx(2.776445, abs=1e-5)
+    assert out["t"] == pytest.approx(10.0 / math.sqrt(8 / 3))
     assert out["significant"] is True
-    assert ablation.compare(rows, "post", "pre", "fd", k=10.0)["significant"] is False
+    assert ablation.compare(rows, "post", "pre", "fd", level=0.9999)["significant"] is False
     one_seed = ablation.summarize([_result("pre", 0, 1.0), _result("post", 0, 100.0)])
     assert ablation.compare(one_seed, "post", "pre", "fd")["significant"] is False   # no spread, no claim
+
+
+def test_compare_needs_the_t_value_not_two_standard_errors():
+    """A difference of 2.5 standard errors with three seeds a side: beyond the normal's 2, short
+    of Student's 2.78 at 4 degrees of freedom, so it is not called a difference."""
+    pre = [10.0, 12.0, 14.0]                                          # std 2 on both sides: se = sqrt(8/3)
+    gap = 2.5 * math.sqrt(8 / 3)
+    rows = ablation.summarize([_result("pre", s, fd) for s, fd in enumerate(pre)]
+                              + [_result("post", s, fd + gap) for s, fd in enumerate(pre)])
+    out = ablation.compare(rows, "post", "pre", "fd")
+    assert out["t"] == pytest.approx(2.5) and out["significant"] is False
+
+
+def test_compare_with_unequal_spreads_uses_welch_satterthwaite():
+    rows = ablation.summarize([_result("pre", s, fd) for s, fd in enumerate([10.0, 10.0, 10.0])]
+                              + [_result("post", s, fd) for s, fd in enumerate([20.0, 22.0, 24.0])])
+    out = ablation.compare(rows, "post", "pre", "fd")
+    assert out["df"] == pytest.approx(2.0)                           # one side without spread: n - 1
+    assert out["t_crit"] == pytest.approx(4.302653, abs=1e-5)
+    assert ablation.welch_df(1.0, 4, 3.0, 9) == pytest.approx((1 / 4 + 1) ** 2 / ((1 / 4) ** 2 / 3 + 1 / 8))
+
+
+@pytest.mark.parametrize("df, level, expected", [(1, 0.95, 12.706205), (2, 0.95, 4.302653), (4, 0.95, 2.776445),
+                                                 (10, 0.95, 2.228139), (30, 0.99, 2.749996), (1e7, 0.95, 1.959964)])
+def test_t_critical_matches_tables(df, level, expected):
+    assert ablation.t_critical(df, level) == pytest.approx(expected, abs=2e-6)
+
+
+def test_t_critical_between_integer_df():
+    assert ablation.t_critical(5) < ablation.t_critical(4.5) < ablation.t_critical(4)
+
+
+def test_student_t_cdf():
+    assert ablation.student_t_cdf(0.0, 3) == pytest.approx(0.5)
+    assert ablation.student_t_cdf(1.0, 1) == pytest.approx(0.75)      # Cauchy: 1/2 + atan(1)/pi
+    assert ablation.student_t_cdf(-2.0, 5) == pytest.approx(1 - ablation.student_t_cdf(2.0, 5))
+    with pytest.raises(ValueError, match="degrees of freedom must be > 0"):
+        ablation.t_critical(0)
 
 
 def test_mean_std():
