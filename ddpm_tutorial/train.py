@@ -229,6 +229,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.step = 0
         self.last_checkpoint = None       # (path, step) of the last save every rank knows is complete
+        self.meta = {}                    # saved beside the state: the preset's name, the class names
         self.history = History(t_bucket_sum=[0.0] * train.num_t_buckets,
                                t_bucket_count=[0] * train.num_t_buckets)
 
@@ -413,6 +414,7 @@ class Trainer:
             "step": self.step,
             "ema": self.ema.module.state_dict(),
             "history": dataclasses.asdict(self.history),
+            **self.meta,
         }
         if include_optimizer:
             state["model"] = self.model.state_dict()
@@ -425,9 +427,10 @@ class Trainer:
             return None
         return save_checkpoint(path, self.state(include_optimizer))
 
-    def resume(self, path) -> "Trainer":
-        """Continue from a checkpoint written by :meth:`save` (model config must match)."""
-        ckpt = load_checkpoint(path, map_location=self.device)
+    def resume(self, path, ckpt: dict | None = None) -> "Trainer":
+        """Continue from a checkpoint written by :meth:`save` (model config must match);
+        ``ckpt``: its contents when already read (:func:`resume_trainer`)."""
+        ckpt = load_checkpoint(path, map_location=self.device) if ckpt is None else ckpt
         model_cfg, diffusion_cfg, _ = configs_from_checkpoint(ckpt)
         if model_cfg != self.model.config or diffusion_cfg != self.diffusion_cfg:
             raise ValueError(f"checkpoint {path} was trained with {model_cfg} / {diffusion_cfg}, "
@@ -460,5 +463,31 @@ def build_trainer(preset: Preset, data=None, device=None,
         net = UNet(model, T=preset.diffusion.T)
     if data is None:
         data, labels = load_fashion_mnist(train=True, subset=train.subset)
-    return Trainer(net, data, train, preset.diffusion, device,
-                   labels=labels if model.num_classes else None, loader_workers=loader_workers)
+    trainer = Trainer(net, data, train, preset.diffusion, device,
+                      labels=labels if model.num_classes else None, loader_workers=loader_workers)
+    trainer.meta["preset"] = preset.name               # written into every checkpoint of the run
+    return trainer
+
+
+def resume_trainer(path, data, steps: int, device=None, labels: torch.Tensor | None = None,
+                   loader_workers: int = 2, precision: str | None = None, ckpt: dict | None = None) -> Trainer:
+    """Continue the run saved at ``path`` to ``steps`` steps in total: the network, diffusion
+    and recipe it was started with (only ``steps``, and ``precision`` on a GPU, may change),
+    its weights, EMA, optimiser state and history, its preset's name and class names.
+    ``ckpt``: the checkpoint's contents when the caller has read them (it is read once)."""
+    from .unet import UNet
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
+    if "optimizer" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} holds no optimiser state (an exported checkpoint): it can be sampled from "
+                         "but not resumed; resume the training checkpoint it was exported from")
+    if steps <= ckpt["step"]:
+        raise ValueError(f"{path} has already trained {ckpt['step']} steps; pass --steps N with "
+                         f"N > {ckpt['step']} to train further")
+    model_cfg, diffusion_cfg, train_cfg = configs_from_checkpoint(ckpt, path)
+    train_cfg = dataclasses.replace(train_cfg, steps=steps, precision=precision or train_cfg.precision)
+    with torch.random.fork_rng(devices=[]):      # the weights are overwritten: leave the global RNG alone
+        net = UNet(model_cfg, T=diffusion_cfg.T)
+    trainer = Trainer(net, data, train_cfg, diffusion_cfg, device,
+                      labels=labels if model_cfg.num_classes else None, loader_workers=loader_workers)
+    trainer.meta = {k: ckpt[k] for k in ("preset", "classes") if k in ckpt}
+    return trainer.resume(path, ckpt)

@@ -41,7 +41,7 @@
     return out;
   }
 
-  // --- The sampler: the DDIM update of chapter 5 ------------------------------------------
+  // --- The sampler: the DDIM update of chapter 6 ------------------------------------------
 
   // <ddim-step>
   // One DDIM step (Song et al. 2021, Eq. 12), from timestep t to the
