@@ -126,3 +126,31 @@ def show_source(obj) -> None:
     import inspect
     from IPython.display import Markdown, display
     display(Markdown(f"```python\n{inspect.getsource(obj).rstrip()}\n```"))
+
+
+def show_chains(forward: list, reverse: list, labels: list, size: float = 0.9):
+    """The two chains of Ho et al. (Fig. 2) drawn with images: columns x_T ... x_0 from left to
+    right, labelled by ``labels``; the top rows are the forward chain q (it runs from right to
+    left: x_0 is noised into x_T), the bottom rows the reverse chain p_theta (left to right: x_T
+    is denoised into x_0). ``forward`` and ``reverse``: one (N, C, H, W) tensor in [-1, 1] per
+    column, N images each. Returns the figure."""
+    if not (len(forward) == len(reverse) == len(labels)):
+        raise ValueError(f"one forward and one reverse frame per label: got {len(forward)}, {len(reverse)}, "
+                         f"{len(labels)}")
+    n, k = forward[0].shape[0], len(labels)
+    fig = plt.figure(figsize=(size * k + 0.6, 2 * (size * n + 0.55)), layout="constrained")
+    titles = (r"$\longleftarrow$ forward chain $q(x_t \mid x_{t-1})$: adds noise",
+              r"reverse chain $p_\theta(x_{t-1} \mid x_t)$: removes it $\longrightarrow$")
+    for sub, chain, title in zip(fig.subfigures(2, 1), (forward, reverse), titles):
+        sub.suptitle(title, fontsize=10)
+        axes = sub.subplots(n, k, squeeze=False)
+        for i in range(n):
+            for col in range(k):
+                ax = axes[i, col]
+                ax.imshow(to_unit(chain[col][i].detach().cpu())[0], cmap="gray", vmin=0, vmax=1,
+                          interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(labels[col], fontsize=9)
+    return fig
