@@ -160,7 +160,7 @@ def main():
     budget.add_argument("--steps", type=int, help="a budget in optimiser steps instead (reproducible)")
     p.add_argument("--n", type=int, default=500, help="samples scored per set-up")
     p.add_argument("--ddim-steps", type=int, default=100)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (1: the stochastic sampler of chapter 5)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (1: the stochastic sampler of chapter 6)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (x_T)")
     p.add_argument("--sample-from", choices=("ema", "live"), default="ema")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples behind each FD spread")

@@ -171,7 +171,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AblationConfig:
-    """Chapter 06: the skip variants trained on one recipe (``model`` is the ``pre`` variant)."""
+    """Chapter 07: the skip variants trained on one recipe (``model`` is the ``pre`` variant)."""
     model: ModelConfig
     train: TrainConfig            # the seed field is replaced by each of ``seeds``
     seeds: tuple = (0, 1, 2)

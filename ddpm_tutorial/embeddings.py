@@ -53,7 +53,7 @@ class TimeEmbedding(nn.Module):
 
 
 def seed_tutorial_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """The original tutorial's embedding, kept only to show its bug (chapters 2 and 6).
+    """The original tutorial's embedding, kept only to show its bug (chapters 2 and 7).
 
     It concatenates sin and cos of ``dim // 2`` frequencies and stops there, so an odd
     ``dim`` yields dim - 1 columns: that is the bug. Its exponent i / (half - 1) is the

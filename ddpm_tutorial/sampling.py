@@ -209,7 +209,7 @@ def sample(model, schedule: NoiseSchedule, method: str = "ddim", n: int = 16, st
     one network call per step, the update done by that method's step function.
 
     ``x_T`` with ``t_start``: start from a given x_t at that step instead of pure noise at T
-    (e.g. a real image noised with Eq. 4: the partial-noise experiment of chapter 05).
+    (e.g. a real image noised with Eq. 4: the partial-noise experiment of chapter 06).
     ``y`` (a class index or (n,) indices) and ``guidance`` w: classifier-free guidance, :func:`guided_eps`.
     """
     if method not in SOLVERS:

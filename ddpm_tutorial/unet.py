@@ -2,7 +2,7 @@
 with residual blocks, GroupNorm and time injection, as in Ho et al. 2020 (Appendix B).
 
 Resolution levels for 28x28 with ``channel_mults=(1, 2, 2)``: 28 -> 14 -> 7.
-Where the decoder's skip features come from is the subject of chapter 06:
+Where the decoder's skip features come from is the subject of chapter 07:
 
 - ``skip="pre"``: the encoder's features at level i are saved *before* downsampling
   (full resolution r_i). The decoder concatenates them after upsampling back to r_i:

@@ -163,7 +163,7 @@ def test_write_then_check(tmp_path):
          "source": ["# Colab set-up: the old one\n", "import subprocess"]},
         {"cell_type": "code", "execution_count": 2, "metadata": {}, "outputs": [], "source": ["x = 1"]}],
         "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
-    path = tmp_path / "07_new_chapter.ipynb"
+    path = tmp_path / "09_new_chapter.ipynb"
     path.write_text(json.dumps(nb))
     assert colab_setup.main(["--check", str(path)]) == 1
     assert colab_setup.main(["--write", str(path)]) == 0
@@ -174,7 +174,7 @@ def test_write_then_check(tmp_path):
     assert len(cells) == 3 and cell_text(cells[0]).count("Open In Colab") == 1
     assert cell_text(cells[0]).endswith("# Title\ntext")
     assert cell_text(cells[1]) == colab_setup.setup_cell_source() and cells[1]["execution_count"] == 1
-    assert "notebooks/07_new_chapter.ipynb" in cell_text(cells[0])
+    assert "notebooks/09_new_chapter.ipynb" in cell_text(cells[0])
 
 
 # --- the simulated Colab ----------------------------------------------------------------

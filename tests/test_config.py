@@ -122,7 +122,7 @@ def test_quick_preset_is_the_cheapest_everywhere():
 
 
 def test_cpu_ablation_trains_on_chapter_04s_recipe():
-    """Chapter 06 compares skip variants at chapter 04's budget (issue 11): the same TrainConfig."""
+    """Chapter 07 compares skip variants at chapter 04's budget (issue 11): the same TrainConfig."""
     cpu = get_preset("cpu")
     assert cpu.ablation.train == cpu.train
     assert cpu.ablation.model.skip == "pre"

@@ -14,7 +14,7 @@ import colab_setup  # noqa: E402
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CHAPTERS = ["01_forward_process", "02_time_embeddings", "03_unet", "04_training", "05_sampling",
-            "06_skip_connection_ablation", "07_guidance"]
+            "06_fast_sampling", "07_skip_connection_ablation", "08_guidance"]
 
 
 def repo_url() -> str:

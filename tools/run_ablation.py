@@ -1,4 +1,4 @@
-"""Run (or finish) chapter 06's ablation for a preset into its cache, outside the notebook.
+"""Run (or finish) chapter 07's ablation for a preset into its cache, outside the notebook.
 
     python tools/run_ablation.py --preset cpu        # writes runs/ablation_cpu.pt
 
