@@ -4,8 +4,13 @@ Two files, both made from one checkpoint:
 
 - ``model.onnx``: the U-Net eps_theta(x_t, t), inputs ``x_t`` (B, 1, 28, 28) float32 and
   ``t`` (B,) int64 (code index 0..T-1), output ``eps`` (B, 1, 28, 28); B is a dynamic axis.
+  A class-conditional network (``ModelConfig.num_classes`` = K > 0) takes a third input
+  ``y`` (B,) int64: a class index in [0, K), or K for the null class (the unconditional
+  model). The page then does classifier-free guidance as ``sampling.guided_eps`` does: one
+  call on a doubled batch (2B) of the class and the null class.
 - ``schedule.json``: T, bar-alpha_t for every t, and the DDIM sub-sequences tau for each
-  step count the page offers, taken from :func:`ddpm_tutorial.sampling.ddim_timesteps`.
+  step count the page offers, taken from :func:`ddpm_tutorial.sampling.ddim_timesteps`;
+  for a conditional network also K, the null class's index and the class names.
   The browser reads these numbers instead of recomputing the schedule, so the JavaScript
   sampler cannot drift from the Python one.
 
@@ -14,7 +19,8 @@ The page then runs DDIM (Song et al. 2021, Eq. 12) in JavaScript with these numb
     hat-x_0 = (x_t - sqrt(1 - bar-alpha_t) eps_theta) / sqrt(bar-alpha_t)
     x_s     = sqrt(bar-alpha_s) hat-x_0 + sqrt(1 - bar-alpha_s - sigma^2) eps_theta + sigma z
 
-Command line: ``python -m ddpm_tutorial export-onnx [--checkpoint PT] --out model.onnx``.
+Command line: ``python -m ddpm_tutorial export-onnx [--checkpoint PT] --out model.onnx``
+(the book's page uses the shipped conditional checkpoint, :data:`DEMO_CHECKPOINT`).
 Needs the ``onnx`` package (the ``book`` extra), which torch's ONNX exporter imports.
 """
 from __future__ import annotations
@@ -27,34 +33,62 @@ from pathlib import Path
 import torch
 
 from .checkpoint import model_from_checkpoint, shipped_checkpoint_path
+from .data import CLASSES
 from .sampling import ddim_timesteps
 
 SCHEDULE_FORMAT = "ddpm_tutorial/schedule/1"
 STEPS_RANGE = (10, 100)   # DDIM step counts the page offers (its slider's range)
 OPSET = 20                # onnxruntime-web >= 1.17 runs opset 20
+# What the book's "Try it" page runs: chapter 7's class-conditional network (its null class is
+# the unconditional model), so the reader can ask for a class and set the guidance w.
+DEMO_CHECKPOINT = "ddpm_fashion_cpu_cond.pt"
 
 
 def export_onnx(model: torch.nn.Module, path, opset: int = OPSET) -> Path:
-    """Write eps_theta(x_t, t) to ``path`` as one self-contained ONNX file, batch axis dynamic.
+    """Write eps_theta(x_t, t[, y]) to ``path`` as one self-contained ONNX file, batch axis dynamic.
+
+    Inputs ``x_t`` (B, C, H, W) float32 and ``t`` (B,) int64; a conditional network
+    (``config.num_classes`` = K > 0) also ``y`` (B,) int64 in [0, K] (K: the null class).
 
     torch's TorchScript tracer (``dynamo=False``) records the graph by running the network
     once, at batch 2 so that no size is mistaken for a constant 1. The forward's Python-side
     input checks (t in [0, T), which reads t's values) run on those example inputs and stay
     out of the graph. torch.export (``dynamo=True``) refuses such value-reading checks, and
     the graph does not need them: the page only sends t from the exported tau sequences.
+    The example labels are one real class and the null class, so both rows of the class
+    table are looked up while tracing (the lookup is one Gather either way).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     x = torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size)   # (B, C, H, W)
     t = torch.tensor([0, 1], dtype=torch.long)                            # (B,)
+    inputs, names = (x, t), ["x_t", "t"]
+    if cfg.num_classes:
+        inputs, names = (x, t, torch.tensor([0, cfg.num_classes], dtype=torch.long)), names + ["y"]
     model = model.cpu().eval()
     with warnings.catch_warnings():  # the tracer's deprecation note and its notes on the checks
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x, t), str(path), input_names=["x_t", "t"], output_names=["eps"],
-                          dynamic_axes={name: {0: "batch"} for name in ("x_t", "t", "eps")},
+        torch.onnx.export(model, inputs, str(path), input_names=names, output_names=["eps"],
+                          dynamic_axes={name: {0: "batch"} for name in names + ["eps"]},
                           opset_version=opset, dynamo=False)
     return path
+
+
+def class_info(model_config, class_names=None) -> dict:
+    """The class fields of schedule.json: {} for an unconditional network, else
+    ``num_classes`` K, ``null_class`` (= K, the label of the unconditional branch) and
+    ``class_names`` (K names; default: Fashion-MNIST's when K = 10 on 28x28 gray images,
+    else "class 0", "class 1", ...)."""
+    K = model_config.num_classes
+    if not K:
+        return {}
+    if class_names is None:
+        fashion = K == len(CLASSES) and model_config.in_channels == 1 and model_config.image_size == 28
+        class_names = CLASSES if fashion else [f"class {k}" for k in range(K)]
+    if len(class_names) != K:
+        raise ValueError(f"class_names must name the network's {K} classes, got {len(class_names)}")
+    return {"num_classes": K, "null_class": K, "class_names": list(class_names)}
 
 
 def schedule_coefficients(schedule, steps_range=STEPS_RANGE) -> dict:
@@ -86,14 +120,15 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def export_files(model_path, json_path, checkpoint=None, opset: int = OPSET) -> dict:
-    """Export ``checkpoint`` (None: the shipped one) to ``model_path`` (ONNX) and
-    ``json_path`` (:func:`schedule_coefficients` plus where the weights came from).
-    Returns the JSON's contents."""
+def export_files(model_path, json_path, checkpoint=None, opset: int = OPSET, class_names=None) -> dict:
+    """Export ``checkpoint`` (None: the shipped unconditional one) to ``model_path`` (ONNX) and
+    ``json_path`` (:func:`schedule_coefficients`, :func:`class_info` and where the weights
+    came from). Returns the JSON's contents."""
     ckpt_path = Path(checkpoint) if checkpoint else shipped_checkpoint_path()
     model, schedule, ckpt = model_from_checkpoint(ckpt_path)
+    classes = class_info(model.config, class_names)      # checked before the export's seconds
     export_onnx(model, model_path, opset=opset)
-    info = {**schedule_coefficients(schedule), "checkpoint": ckpt_path.name,
+    info = {**schedule_coefficients(schedule), **classes, "checkpoint": ckpt_path.name,
             "checkpoint_sha256": file_sha256(ckpt_path), "checkpoint_step": int(ckpt.get("step", 0)),
             "image_size": model.config.image_size, "in_channels": model.config.in_channels}
     json_path = Path(json_path)
@@ -136,9 +171,11 @@ def _export_cli(args) -> None:
     out = Path(args.out)
     json_path = Path(args.schedule_json) if args.schedule_json else out.with_name("schedule.json")
     info = export_files(out, json_path, args.checkpoint, opset=args.opset)
-    print(f"wrote {out} ({out.stat().st_size:,} bytes): eps_theta(x_t, t), batch axis dynamic")
+    signature = "eps_theta(x_t, t, y)" if info.get("num_classes") else "eps_theta(x_t, t)"
+    print(f"wrote {out} ({out.stat().st_size:,} bytes): {signature}, batch axis dynamic")
     lo, hi = info["steps_range"]
-    print(f"wrote {json_path}: T = {info['T']}, alpha_bar, DDIM timesteps for {lo}-{hi} steps")
+    classes = f", {info['num_classes']} classes (y = {info['null_class']}: the null class)" if info.get("num_classes") else ""
+    print(f"wrote {json_path}: T = {info['T']}, alpha_bar, DDIM timesteps for {lo}-{hi} steps{classes}")
 
 
 def add_parser(subparsers) -> None:

@@ -1,10 +1,12 @@
-"""The "Try it" page (book/try_it.md) in headless Chromium: the shipped network generating
-Fashion-MNIST samples in the browser, with ONNX Runtime Web on WebAssembly.
+"""The "Try it" page (book/try_it.md) in headless Chromium: the shipped class-conditional
+network generating Fashion-MNIST samples in the browser, with ONNX Runtime Web on WebAssembly.
 
 The built site is served on 127.0.0.1 and every other request is aborted. Checks: pressing
-Generate draws images; different seeds give different images; the JavaScript DDIM sampler
-agrees with ``ddpm_tutorial.sampling.ddim_sample`` on the same x_T and noise to 1e-3; nothing
-heavy loads before the press; no console errors; without the runtime the page shows a note.
+Generate draws images; different seeds give different images; the JavaScript DDIM sampler with
+classifier-free guidance agrees with ``ddpm_tutorial.sampling.ddim_sample`` on the same x_T,
+noise, class and w to 1e-3; asking for "Sneaker" at w = 3 draws sneakers by the book's own
+classifier; the step slider goes back through the run; nothing heavy loads before the press;
+no console errors; without the runtime the page shows a note.
 Debian's /usr/bin/chromium is used; Playwright never downloads a browser.
 """
 from __future__ import annotations
@@ -20,13 +22,17 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_tutorial.checkpoint import model_from_checkpoint
+from ddpm_tutorial.checkpoint import model_from_checkpoint, shipped_checkpoint_path
+from ddpm_tutorial.data import CLASSES
+from ddpm_tutorial.export import DEMO_CHECKPOINT
+from ddpm_tutorial.metrics import load_classifier
 from ddpm_tutorial.sampling import ddim_sample
 
 from browser_support import CHROMIUM, launch, serve
 
 PAGE = "book/try_it.html"
 N = 8   # images per batch on the page
+SNEAKER = CLASSES.index("Sneaker")
 
 pytestmark = [
     pytest.mark.browser,
@@ -88,7 +94,16 @@ class DemoPage:
         self.page.locator(f'#ddpm-demo [name="{name}"]').evaluate(
             "(el, v) => { el.value = v; el.dispatchEvent(new Event('input', {bubbles: true})); }", str(value))
 
-    def generate(self, seed: int, steps: int = 10, eta: float = 0.0) -> dict:
+    def choose_class(self, name: str) -> None:
+        """Pick a class by its visible name ("any (unconditional)", "Sneaker", ...)."""
+        self.page.locator('#ddpm-demo [name="class"]').select_option(label=name)
+
+    def generate(self, seed: int, steps: int = 10, eta: float = 0.0, cls: str | None = None,
+                 w: float | None = None) -> dict:
+        if cls is not None:
+            self.choose_class(cls)
+        if w is not None:
+            self.set("guidance", w)
         self.set("seed", seed)
         self.set("steps", steps)
         self.set("eta", eta)
@@ -104,6 +119,13 @@ class DemoPage:
 
     def close(self):
         self.context.close()
+
+
+@pytest.fixture(scope="module")
+def cond_model():
+    """The network the page runs (chapter 8's class-conditional one), in PyTorch."""
+    model, schedule, _ = model_from_checkpoint(shipped_checkpoint_path(DEMO_CHECKPOINT))
+    return model, schedule
 
 
 @pytest.fixture
@@ -123,7 +145,8 @@ def canvas_pixels(page, selector: str) -> np.ndarray:
 
 
 def test_generate_shows_images(demo, site):
-    """The reader's path: nothing heavy before the press; Generate draws 8 garments, not noise."""
+    """The reader's path: nothing heavy before the press; Generate draws 8 garments, not noise;
+    then the step slider goes back through the run."""
     html, _, manifest = site
     demo.open()
     status = demo.page.locator("#ddpm-demo .ddpm-demo-status").inner_text()
@@ -148,9 +171,87 @@ def test_generate_shows_images(demo, site):
     assert np.abs(shown - expected).max() <= 1, "the canvas does not show the final images"
     assert canvas_pixels(demo.page, "#ddpm-demo canvas.ddpm-demo-x0").std() > 20
     assert "ms per step" in demo.page.locator("#ddpm-demo .ddpm-demo-status").inner_text()
+    assert run["y"] is None and run["w"] == 0, "the page starts on 'any' (the unconditional model)"
     shots = html.parent / "screenshots"
     shots.mkdir(exist_ok=True)
     demo.page.locator("#ddpm-demo").screenshot(path=str(shots / "try_it.png"))
+    check_step_slider(demo, run, shown)
+    demo.check_clean()
+
+
+def check_step_slider(demo, run: dict, end_xt: np.ndarray) -> None:
+    """After a run the step slider scrubs the recorded x_t and x0_hat: frame 0 is x_T (noise)
+    at t = 999, the last frame the samples; the keyboard moves it as a mouse would."""
+    steps = len(run["stepMs"])
+    scrub = demo.page.locator('#ddpm-demo [name="scrub"]')
+    label = demo.page.locator('#ddpm-demo [name="scrub-out"]')
+    assert not scrub.is_disabled() and scrub.get_attribute("max") == str(steps)
+    assert scrub.input_value() == str(steps) and "samples" in label.inner_text()
+    assert run["timesteps"][0] == 999 and len(run["timesteps"]) == steps
+    end_x0 = canvas_pixels(demo.page, "#ddpm-demo canvas.ddpm-demo-x0")
+    scrub.press("Home")
+    assert "t = 999" in label.inner_text(), label.inner_text()
+    start_xt = canvas_pixels(demo.page, "#ddpm-demo canvas.ddpm-demo-xt")
+    start_x0 = canvas_pixels(demo.page, "#ddpm-demo canvas.ddpm-demo-x0")
+    # x_T is N(0, I) noise: no black garment border, and far from the samples
+    assert (start_xt[:2] < 10).mean() < 0.5, "frame 0 should show x_T, pure noise"
+    assert np.abs(start_xt - end_xt).mean() > 30 and np.abs(start_x0 - end_x0).mean() > 5
+    seen = set()
+    for _ in range(steps):
+        scrub.press("ArrowRight")
+        seen.add(label.inner_text())
+    assert len(seen) == steps, f"{steps} presses showed {len(seen)} different frames"
+    assert np.array_equal(canvas_pixels(demo.page, "#ddpm-demo canvas.ddpm-demo-xt"), end_xt), \
+        "the last frame should show the samples again"
+
+
+def test_guidance_slider_needs_a_class(demo):
+    """w means nothing without a class: disabled on 'any', enabled once a class is picked;
+    every Fashion-MNIST class is offered."""
+    demo.open()
+    options = demo.page.locator('#ddpm-demo [name="class"] option').all_inner_texts()
+    assert options == ["any (unconditional)", *CLASSES]
+    guidance = demo.page.locator('#ddpm-demo [name="guidance"]')
+    assert guidance.is_disabled()
+    assert (guidance.get_attribute("min"), guidance.get_attribute("max")) == ("0", "5")
+    demo.choose_class("Bag")
+    assert not guidance.is_disabled()
+    demo.choose_class("any (unconditional)")
+    assert guidance.is_disabled()
+    # the sampler refuses what Python's refuses, with a message
+    errors = demo.page.evaluate("""async () => {
+        const xT = new Array(784).fill(0), out = [];
+        for (const req of [{y: null, w: 2}, {y: 10, w: 1}, {y: 1.5, w: 0}, {y: 3, w: -1}])
+          try { await window.ddpmDemo.sample({xT, steps: 10, ...req}); out.push("accepted"); }
+          catch (e) { out.push(e.message); }
+        return out; }""")
+    assert "accepted" not in errors, errors
+    assert "needs a class" in errors[0] and "[0, 10)" in errors[1] and "w must be" in errors[3]
+    demo.check_clean()
+
+
+def test_asking_for_a_sneaker(demo):
+    """The reader's request: class "Sneaker" at w = 3, 20 DDIM steps, three seeds. The book's
+    own classifier (ddpm_tutorial.metrics) calls at least 7 of each run's 8 images a sneaker;
+    each guided step sends 16 images (8 with the class, 8 with the null class) through the
+    network in one call."""
+    classifier = load_classifier()
+    demo.open()
+    start, step_ms = time.perf_counter(), []
+    for seed in (1, 2, 3):
+        run = demo.generate(seed=seed, steps=20, cls="Sneaker", w=3)
+        step_ms += run["stepMs"]
+        assert (run["y"], run["w"]) == (SNEAKER, 3)
+        images = torch.tensor(run["images"], dtype=torch.float32).reshape(N, 1, 28, 28)
+        with torch.no_grad():
+            predicted = classifier(images).argmax(1).tolist()
+        named = [CLASSES[k] for k in predicted]
+        assert named.count("Sneaker") >= 7, f"seed {seed}: asked for sneakers, the classifier sees {named}"
+    status = demo.page.locator("#ddpm-demo .ddpm-demo-status").inner_text()
+    assert "Sneaker, w = 3.0" in status and f"all {2 * N} at once" in status, status
+    print(f"\nthree guided runs of 20 steps in {time.perf_counter() - start:.1f} s (model load included); "
+          f"ms per guided step: median {statistics.median(step_ms):.0f}, fastest {min(step_ms):.0f}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     demo.check_clean()
 
 
@@ -164,32 +265,38 @@ def test_seeds_give_different_images(demo):
     demo.check_clean()
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_js_sampler_matches_python(demo, eta):
-    """The same x_T and per-step noise into ddim_sample (PyTorch) and the page's sampler
-    (ONNX Runtime Web + the JavaScript DDIM step): the images agree to 1e-3."""
-    steps = 10
-    model, schedule, _ = model_from_checkpoint(None)
-    seed = 123
-    # ddim_sample draws x_T first, then one z per step (when eta > 0), from its generator:
-    # drawing the same way from the same seed gives the test vector for the browser.
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(N, 1, 28, 28, generator=g)
-    noises = [torch.randn(N, 1, 28, 28, generator=g) for _ in range(steps)]
-    expected = ddim_sample(model, schedule, n=N, steps=steps, eta=eta, progress=False,
-                           generator=torch.Generator().manual_seed(seed)).images.numpy()
+# (class, w, eta): the unconditional model (the null class), guidance, guidance with fresh noise
+# at every step, and a class without guidance (one network call on the class alone).
+PARITY = [(None, 0.0, 0.0), (SNEAKER, 3.0, 0.0), (CLASSES.index("Bag"), 1.5, 1.0), (CLASSES.index("Dress"), 0.0, 0.0)]
 
+
+def test_js_sampler_matches_python(demo, cond_model):
+    """The same x_T, per-step noise, class and w into ddim_sample (PyTorch, guided_eps) and the
+    page's sampler (ONNX Runtime Web + the JavaScript guidance and DDIM step): the images
+    agree to 1e-3 for each request of PARITY (one page, so the runtime loads once)."""
+    steps = 10
+    model, schedule = cond_model
     demo.open()
-    got = demo.page.evaluate(
-        """async ({xT, noises, steps, eta}) => {
-             const r = await window.ddpmDemo.sample({xT, noises, steps, eta});
-             return Array.from(r.images);
-           }""",
-        {"xT": x_T.flatten().tolist(), "noises": [z.flatten().tolist() for z in noises],
-         "steps": steps, "eta": eta})
-    got = np.asarray(got, dtype=np.float32).reshape(N, 1, 28, 28)
-    print(f"\neta = {eta}: max |JavaScript - Python| = {np.abs(got - expected).max():.2e}")
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
+    for k, (cls, w, eta) in enumerate(PARITY):
+        seed = 123 + k
+        # ddim_sample draws x_T first, then one z per step (when eta > 0), from its generator:
+        # drawing the same way from the same seed gives the test vector for the browser.
+        g = torch.Generator().manual_seed(seed)
+        x_T = torch.randn(N, 1, 28, 28, generator=g)
+        noises = [torch.randn(N, 1, 28, 28, generator=g) for _ in range(steps)]
+        expected = ddim_sample(model, schedule, n=N, steps=steps, eta=eta, progress=False, y=cls, guidance=w,
+                               generator=torch.Generator().manual_seed(seed)).images.numpy()
+        got = demo.page.evaluate(
+            """async ({xT, noises, steps, eta, y, w}) => {
+                 const r = await window.ddpmDemo.sample({xT, noises, steps, eta, y, w});
+                 return Array.from(r.images);
+               }""",
+            {"xT": x_T.flatten().tolist(), "noises": [z.flatten().tolist() for z in noises] if eta else None,
+             "steps": steps, "eta": eta, "y": cls, "w": w})
+        got = np.asarray(got, dtype=np.float32).reshape(N, 1, 28, 28)
+        name = "any" if cls is None else CLASSES[cls]
+        print(f"\n{name}, w = {w}, eta = {eta}: max |JavaScript - Python| = {np.abs(got - expected).max():.2e}")
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3, err_msg=f"class {name}, w = {w}, eta = {eta}")
     demo.check_clean()
 
 
@@ -239,13 +346,14 @@ def test_time_per_step(demo, site):
     book/results.md; run with -s to see them). 50 steps, batch 8, one thread each, after a
     warm-up run; ``DEMO_TIMING_RUNS`` runs."""
     html, _, manifest = site
-    model, schedule, _ = model_from_checkpoint(None)
+    model, schedule, _ = model_from_checkpoint(shipped_checkpoint_path(DEMO_CHECKPOINT))
     ort = pytest.importorskip("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(html / "_static" / "demo" / "model.onnx"), options,
                                    providers=["CPUExecutionProvider"])
-    feed = {"x_t": np.zeros((N, 1, 28, 28), np.float32), "t": np.full(N, 500, np.int64)}
+    feed = {"x_t": np.zeros((N, 1, 28, 28), np.float32), "t": np.full(N, 500, np.int64),
+            "y": np.full(N, model.config.num_classes, np.int64)}   # the null class: unguided
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     demo.open()

@@ -110,3 +110,36 @@ def test_cli_subcommand(tmp_path, capsys):
     assert (tmp_path / "m.onnx").stat().st_size > 100_000
     assert json.loads((tmp_path / "s" / "sched.json").read_text())["T"] == 1000
     assert "m.onnx" in capsys.readouterr().out
+
+
+def test_conditional_network_takes_the_class(tmp_path):
+    """The page's network (chapter 8's conditional one): a third input y, the null class K
+    included, agrees with PyTorch; schedule.json names the classes and the null class."""
+    from ddpm_tutorial.checkpoint import shipped_checkpoint_path
+    from ddpm_tutorial.data import CLASSES
+    ckpt = shipped_checkpoint_path(export.DEMO_CHECKPOINT)
+    info = export.export_demo(tmp_path, checkpoint=ckpt)
+    model, _, _ = model_from_checkpoint(ckpt)
+    K = model.config.num_classes
+    assert (info["num_classes"], info["null_class"], info["class_names"]) == (K, K, list(CLASSES))
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x_t", "t", "y"]
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 1, 28, 28, generator=g), torch.tensor([999, 500, 20, 0])
+    y = torch.tensor([7, K, 0, K])                     # classes and the null class, mixed in one batch
+    with torch.no_grad():
+        expected = model(x, t, y).numpy()
+    got = session.run(["eps"], {"x_t": x.numpy(), "t": t.numpy(), "y": y.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    # the class changes the output: the input is wired, not folded into a constant
+    other = session.run(["eps"], {"x_t": x.numpy(), "t": t.numpy(), "y": np.full(4, 3, np.int64)})[0]
+    assert np.abs(other - got).max() > 1e-3
+
+
+def test_class_names_must_match_the_network():
+    from ddpm_tutorial.config import ModelConfig
+    assert export.class_info(ModelConfig()) == {}
+    three = ModelConfig(num_classes=3)
+    assert export.class_info(three)["class_names"] == ["class 0", "class 1", "class 2"]
+    with pytest.raises(ValueError, match="3 classes"):
+        export.class_info(three, ["a", "b"])

@@ -2,15 +2,18 @@
 
 After every successful HTML build, into ``_build/html/_static/demo/``:
 
-1. ``model.onnx`` and ``schedule.json``, exported from the shipped checkpoint by
-   :func:`ddpm_tutorial.export.export_demo` (kept in ``_build/demo_export`` and exported
-   again only when the checkpoint, the network's code or torch change);
+1. ``model.onnx`` and ``schedule.json``, exported from the shipped class-conditional
+   checkpoint (:data:`ddpm_tutorial.export.DEMO_CHECKPOINT`, chapter 8's network; its null
+   class is the unconditional model) by :func:`ddpm_tutorial.export.export_demo` (kept in
+   ``_build/demo_export`` and exported again only when the checkpoint, the network's code or
+   torch change);
 2. ``ort/``: the WebAssembly build of onnxruntime-web, copied from ``node_modules`` (which
    ``make book`` and ``make test`` fill with ``npm ci``; the version is pinned in
    package-lock.json), with its licence beside it;
 3. ``ddpm_demo.js`` (the page's script) and ``manifest.json``: which of these are there,
-   their sizes, and, for anything missing, why. The page reads the manifest and shows that
-   reason in place of the demo. Nothing here is committed to git.
+   their sizes, the class names (the page's class picker is drawn before the model loads),
+   and, for anything missing, why. The page reads the manifest and shows that reason in
+   place of the demo. Nothing here is committed to git.
 """
 from __future__ import annotations
 
@@ -74,14 +77,16 @@ def export_model(cache: Path, dest: Path) -> dict:
     except ImportError:
         return {"missing": "the 'onnx' Python package was missing when this site was built, so "
                            "the network was not exported; 'pip install -e .[book]' installs it."}
-    from ddpm_tutorial.export import export_demo
-    info = export_demo(cache)
+    from ddpm_tutorial.checkpoint import shipped_checkpoint_path
+    from ddpm_tutorial.export import DEMO_CHECKPOINT, export_demo
+    info = export_demo(cache, checkpoint=shipped_checkpoint_path(DEMO_CHECKPOINT))
     dest.mkdir(parents=True, exist_ok=True)
     files = {}
     for name in ("model.onnx", "schedule.json"):
         shutil.copyfile(cache / name, dest / name)
         files[name] = (dest / name).stat().st_size
-    return {"files": files, "checkpoint": info["checkpoint"], "checkpoint_step": info.get("checkpoint_step")}
+    return {"files": files, "checkpoint": info["checkpoint"], "checkpoint_step": info.get("checkpoint_step"),
+            "class_names": info.get("class_names"), "null_class": info.get("null_class")}
 
 
 def build_demo(app, exception) -> None:
