@@ -48,28 +48,31 @@ def cell_text(cell) -> str:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_badge_opens_this_chapter_in_colab(path):
+def test_badges_open_the_chapter_and_its_practice_notebook_in_colab(path):
+    """The first line: "Open in Colab" (the complete chapter), then "Practise in Colab" (the same
+    chapter with its solutions blanked, practice/<name>, written by tools/make_practice.py)."""
     nb = json.loads(path.read_text())
     first_md = next(c for c in nb["cells"] if c["cell_type"] == "markdown")
     top = cell_text(first_md).split("\n", 1)[0]
-    match = re.fullmatch(r'<a href="([^"]+)" target="_parent"><img src="(data:image/svg\+xml;base64,[A-Za-z0-9+/=]+)" '
-                         r'alt="Open In Colab"/></a>', top)
-    assert match, (f"{path.name}: the first line of the first markdown cell is not the Colab badge "
+    badge = r'<a href="([^"]+)" target="_parent"><img src="(data:image/svg\+xml;base64,[A-Za-z0-9+/=]+)" alt="([^"]+)"/></a>'
+    match = re.fullmatch(f"{badge} {badge}", top)
+    assert match, (f"{path.name}: the first line of the first markdown cell is not the two Colab links "
                    f"(run python tools/colab_setup.py --write notebooks/*.ipynb): {top[:80]!r}")
     url, branch = config_repository()
-    owner_repo = url.split("github.com/")[1]
-    expected = f"https://colab.research.google.com/github/{owner_repo}/blob/{branch}/notebooks/{path.name}"
-    assert match.group(1) == expected, f"{path.name}: the badge opens {match.group(1)}, not this chapter"
-    assert match.group(2) == colab_setup.BADGE_IMAGE
+    blob = f"https://colab.research.google.com/github/{url.split('github.com/')[1]}/blob/{branch}"
+    assert match.groups() == (f"{blob}/notebooks/{path.name}", colab_setup.BADGE_IMAGE, "Open the complete chapter in Colab",
+                              f"{blob}/practice/{path.name}", colab_setup.PRACTICE_BADGE_IMAGE, "Practise in Colab"), \
+        f"{path.name}: the links are {match.group(1)} and {match.group(4)}"
 
 
-def test_badge_image_is_inline_svg():
-    """The image is a data: URI, so the offline book makes no request for it."""
+def test_badge_images_are_inline_svg():
+    """The images are data: URIs, so the offline book makes no request for them."""
     import base64
     import xml.etree.ElementTree as ET
-    assert colab_setup.BADGE_IMAGE.startswith("data:image/svg+xml;base64,")
-    svg = ET.fromstring(base64.b64decode(colab_setup.BADGE_IMAGE.split(",", 1)[1]))
-    assert svg.tag.endswith("svg") and "Colab" in "".join(svg.itertext())
+    for image, words in ((colab_setup.BADGE_IMAGE, "Open in Colab"), (colab_setup.PRACTICE_BADGE_IMAGE, "Practise in Colab")):
+        assert image.startswith("data:image/svg+xml;base64,")
+        svg = ET.fromstring(base64.b64decode(image.split(",", 1)[1]))
+        assert svg.tag.endswith("svg") and words in "".join(svg.itertext())
 
 
 # --- the set-up cell --------------------------------------------------------------------
@@ -158,7 +161,9 @@ def test_write_then_check(tmp_path):
     """--check fails on an unstamped chapter; --write fixes it, replaces the old set-up cell,
     keeps one badge, and is idempotent."""
     nb = {"cells": [
-        {"cell_type": "markdown", "metadata": {}, "source": ["# Title\n", "text"]},
+        {"cell_type": "markdown", "metadata": {}, "source": [   # with the single badge of an earlier version
+            '<a href="https://colab.research.google.com/github/a/b/blob/main/notebooks/x.ipynb" target="_parent">'
+            '<img src="data:image/svg+xml;base64,AAAA" alt="Open In Colab"/></a>\n', "\n", "# Title\n", "text"]},
         {"cell_type": "code", "execution_count": 1, "metadata": {}, "outputs": [],
          "source": ["# Colab set-up: the old one\n", "import subprocess"]},
         {"cell_type": "code", "execution_count": 2, "metadata": {}, "outputs": [], "source": ["x = 1"]}],
@@ -171,10 +176,11 @@ def test_write_then_check(tmp_path):
     stamped = path.read_text()
     assert colab_setup.main(["--write", str(path)]) == 0 and path.read_text() == stamped
     cells = json.loads(stamped)["cells"]
-    assert len(cells) == 3 and cell_text(cells[0]).count("Open In Colab") == 1
+    assert len(cells) == 3 and cell_text(cells[0]).count(colab_setup.BADGE_ALT) == 1
+    assert cell_text(cells[0]).count(colab_setup.PRACTICE_ALT) == 1 and "Open In Colab" not in cell_text(cells[0])
     assert cell_text(cells[0]).endswith("# Title\ntext")
     assert cell_text(cells[1]) == colab_setup.setup_cell_source() and cells[1]["execution_count"] == 1
-    assert "notebooks/09_new_chapter.ipynb" in cell_text(cells[0])
+    assert "notebooks/09_new_chapter.ipynb" in cell_text(cells[0]) and "practice/09_new_chapter.ipynb" in cell_text(cells[0])
 
 
 # --- the simulated Colab ----------------------------------------------------------------

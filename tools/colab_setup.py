@@ -1,16 +1,18 @@
-"""The Colab set-up cell and the "Open in Colab" badge: one shared text for every chapter.
+"""The Colab set-up cell and the two Colab links: one shared text for every chapter.
 
 Both are generated from ``repository.url`` and ``repository.branch`` in ``_config.yml``
 (the one place the repository is named), so a move of the repository is one edit there
 followed by one command here:
 
     python tools/colab_setup.py                              # print the set-up cell
-    python tools/colab_setup.py --write notebooks/*.ipynb    # stamp the cell and the badge
+    python tools/colab_setup.py --write notebooks/*.ipynb    # stamp the cell and the links
     python tools/colab_setup.py --check notebooks/*.ipynb    # exit 1 if a chapter differs
 
 ``--write`` replaces each chapter's set-up cell (the first code cell, recognised by its first
 line ``# Colab set-up``; inserted before the first code cell when there is none) and puts the
-badge on the first line of the first markdown cell, replacing an older badge. The set-up
+two Colab links on the first line of the first markdown cell, replacing older ones: "Open in
+Colab" (the complete chapter, notebooks/<name>.ipynb) and "Practise in Colab" (the same chapter
+with its solutions blanked, practice/<name>.ipynb, written by tools/make_practice.py). The set-up
 cell keeps its outputs and execution count: they are refreshed when the chapter is
 re-executed, and clearing them would make a committed chapter look unexecuted.
 """
@@ -27,20 +29,33 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP_MARK = "# Colab set-up"
-BADGE_ALT = "Open In Colab"
+BADGE_ALT = "Open the complete chapter in Colab"
+PRACTICE_ALT = "Practise in Colab"
 COLAB = "https://colab.research.google.com"
+PRACTICE_DIR = "practice"        # where tools/make_practice.py writes each chapter's practice notebook
 
-# The badge image travels inside the notebook as a data: URI: the rendered book makes no
+
+def _badge_svg(left: str, right: str) -> str:
+    """A two-part badge, grey then Colab's orange, sized for its texts (11 px Verdana: about
+    6.5 px a character)."""
+    wl, wr = round(6.5 * len(left)) + 12, round(6.5 * len(right)) + 12
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{wl + wr}" height="20" role="img" '
+            f'aria-label="{left}: {right}"><rect width="{wl + wr}" height="20" rx="3" fill="#555"/>'
+            f'<rect x="{wl}" width="{wr}" height="20" rx="3" fill="#f9ab00"/>'
+            f'<rect x="{wl}" width="6" height="20" fill="#f9ab00"/>'
+            '<g font-family="Verdana,DejaVu Sans,sans-serif" font-size="11" text-anchor="middle">'
+            f'<text x="{wl / 2}" y="14" fill="#fff">{left}</text>'
+            f'<text x="{wl + wr / 2}" y="14" fill="#222">{right}</text></g></svg>')
+
+
+def _data_uri(svg: str) -> str:
+    return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode("ascii")
+
+
+# The badge images travel inside the notebook as data: URIs: the rendered book makes no
 # request to another site (tests/test_browser.py aborts any), and no CDN can vanish.
-_BADGE_SVG = (
-    '<svg xmlns="http://www.w3.org/2000/svg" width="104" height="20" role="img" '
-    'aria-label="Open in Colab"><rect width="104" height="20" rx="3" fill="#555"/>'
-    '<rect x="54" width="50" height="20" rx="3" fill="#f9ab00"/>'
-    '<rect x="54" width="6" height="20" fill="#f9ab00"/>'
-    '<g font-family="Verdana,DejaVu Sans,sans-serif" font-size="11" text-anchor="middle">'
-    '<text x="27.5" y="14" fill="#fff">Open in</text>'
-    '<text x="79" y="14" fill="#222">Colab</text></g></svg>')
-BADGE_IMAGE = "data:image/svg+xml;base64," + base64.b64encode(_BADGE_SVG.encode()).decode("ascii")
+BADGE_IMAGE = _data_uri(_badge_svg("Open in Colab", "complete chapter"))
+PRACTICE_BADGE_IMAGE = _data_uri(_badge_svg("Practise in Colab", "write the code yourself"))
 
 # The cell a reader sees at the top of every chapter. REPO_SPEC is replaced by
 # git+<repository.url>@<branch>. It must stay valid IPython everywhere: outside Colab it
@@ -103,10 +118,23 @@ def colab_url(chapter: str, config: Path = ROOT / "_config.yml") -> str:
     return f"{COLAB}/github/{match.group(1)}/blob/{branch}/{path}"
 
 
+def practice_of(chapter: str) -> str:
+    """The practice notebook of a chapter: ``notebooks/01_x.ipynb`` -> ``practice/01_x.ipynb``."""
+    return f"{PRACTICE_DIR}/{Path(chapter).name}"
+
+
 def badge_markdown(chapter: str, config: Path = ROOT / "_config.yml") -> str:
-    """The badge as the HTML Colab itself writes into notebooks it saves to GitHub. (Markdown's
-    ![..](..) would not do: markdown-it, under MyST, refuses SVG data: URIs as image links.)"""
-    return f'<a href="{colab_url(chapter, config)}" target="_parent"><img src="{BADGE_IMAGE}" alt="{BADGE_ALT}"/></a>'
+    """The two links, as the HTML Colab itself writes into notebooks it saves to GitHub: the
+    complete chapter, then its practice notebook. (Markdown's ![..](..) would not do:
+    markdown-it, under MyST, refuses SVG data: URIs as image links.)"""
+    links = ((colab_url(chapter, config), BADGE_IMAGE, BADGE_ALT),
+             (colab_url(practice_of(chapter), config), PRACTICE_BADGE_IMAGE, PRACTICE_ALT))
+    return " ".join(f'<a href="{url}" target="_parent"><img src="{image}" alt="{alt}"/></a>'
+                    for url, image, alt in links)
+
+
+# A first line made only of Colab badges (this tool's, or the one badge it wrote before).
+_BADGE_LINE = re.compile(r'\A(?:<a href="[^"]*"[^>]*><img [^>]*alt="[^"]*Colab[^"]*"/></a>[ \t]*)+\n*')
 
 
 def chapter_of(path: Path) -> str:
@@ -129,12 +157,12 @@ def _lines(text: str) -> list:
 def stamp(nb: dict, chapter: str, config: Path = ROOT / "_config.yml") -> dict:
     """Put the badge and the set-up cell into a notebook (a dict as in the .ipynb file), in place."""
     cells = nb["cells"]
-    # 1. The badge: the first line of the first markdown cell.
+    # 1. The two links: the first line of the first markdown cell.
     first_md = next((c for c in cells if c["cell_type"] == "markdown"), None)
     if first_md is None:
-        raise ValueError(f"{chapter} has no markdown cell to carry the Colab badge")
+        raise ValueError(f"{chapter} has no markdown cell to carry the Colab links")
     text = _source(first_md)
-    text = re.sub(r'\A<a href="[^"]*"[^>]*><img [^>]*alt="' + re.escape(BADGE_ALT) + r'"/></a>\n*', "", text)
+    text = _BADGE_LINE.sub("", text)
     first_md["source"] = _lines(badge_markdown(chapter, config) + "\n\n" + text)
     # 2. The set-up cell: replace the first code cell if it is one, or insert it before it.
     setup = _lines(setup_cell_source(config))
@@ -156,7 +184,7 @@ def problems(nb: dict, chapter: str, config: Path = ROOT / "_config.yml") -> lis
     first_md = next((c for c in nb["cells"] if c["cell_type"] == "markdown"), None)
     badge = badge_markdown(chapter, config)
     if first_md is None or not _source(first_md).startswith(badge + "\n"):
-        found.append(f"{chapter}: the first markdown cell does not start with the Colab badge {badge[:40]}...")
+        found.append(f"{chapter}: the first markdown cell does not start with the two Colab links {badge[:40]}...")
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     if not code or _source(code[0]) != setup_cell_source(config):
         found.append(f"{chapter}: the first code cell is not the shared Colab set-up cell")
@@ -175,7 +203,7 @@ def _write(path: Path, nb: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="stamp the set-up cell and the badge")
+    mode.add_argument("--write", action="store_true", help="stamp the set-up cell and the two Colab links")
     mode.add_argument("--check", action="store_true", help="exit 1 if a notebook is not stamped")
     parser.add_argument("notebooks", nargs="*", type=Path)
     args = parser.parse_args(argv)
