@@ -3,12 +3,15 @@ its flags for a closed network, and a local static server for the built book."""
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-CHROMIUM = Path("/usr/bin/chromium")
+# Debian's chromium; DDPM_CHROMIUM names another installed Chromium-based browser (GitHub's
+# Ubuntu runners: their preinstalled Google Chrome, set by .github/workflows/tests.yml).
+CHROMIUM = Path(os.environ.get("DDPM_CHROMIUM") or "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
