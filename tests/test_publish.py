@@ -336,3 +336,52 @@ def test_reading_pages_load_cleanly_in_chromium(built_book, site, chromium):
             context.close()
     assert not outside, f"requests left the site: {outside}"
     assert not errors, "console errors:\n" + "\n".join(errors)
+
+
+# --- .ci/run on Debian and on Ubuntu -----------------------------------------------------------
+
+def run_ci_script(tmp_path, has_data_package: bool, chromium: str = "") -> tuple[str, str]:
+    """.ci/run in a copy of its folder, with apt-get, apt-cache, make and the venv's python
+    replaced by stand-ins that log their arguments: (what the script printed, the log)."""
+    repo = tmp_path / "repo"
+    (repo / ".ci").mkdir(parents=True)
+    shutil.copy(ROOT / ".ci" / "run", repo / ".ci" / "run")
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    stand_in = '#!/bin/sh\necho "$(basename "$0") $*" >> "{log}"\n{extra}\n'
+    apt_cache = f'[ "$2" = dataset-fashion-mnist ] && exit {0 if has_data_package else 100}\nexit 0'
+    for name, extra in {"apt-get": "", "apt-cache": apt_cache, "make": "", "sudo": 'exec "$@"'}.items():
+        (bin_dir / name).write_text(stand_in.format(log=log, extra=extra))
+        (bin_dir / name).chmod(0o755)
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "python").write_text(stand_in.format(log=log, extra=""))
+    (repo / ".venv" / "bin" / "python").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "DDPM_CHROMIUM": chromium}
+    out = subprocess.run(["bash", str(repo / ".ci" / "run")], capture_output=True, text=True, env=env,
+                         timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout, log.read_text()
+
+
+def test_ci_script_on_debian(tmp_path):
+    """Debian: the data package and Debian's chromium are installed; then `make test`, nothing else."""
+    printed, calls = run_ci_script(tmp_path, has_data_package=True)
+    install = next(line for line in calls.splitlines() if line.startswith("apt-get install"))
+    for package in ("dataset-fashion-mnist", "chromium", "make", "git", "shellcheck"):
+        assert package in install.split(), install
+    assert [line for line in calls.splitlines() if line.startswith("make")] == ["make test"]
+    assert "torchvision" not in printed
+
+
+def test_ci_script_on_ubuntu_falls_back_to_the_download(tmp_path):
+    """Ubuntu (no dataset-fashion-mnist, Chrome named by DDPM_CHROMIUM): the log says the data
+    comes from torchvision's download, fetched once before `make test`; no chromium package."""
+    printed, calls = run_ci_script(tmp_path, has_data_package=False, chromium="/usr/bin/google-chrome")
+    assert "dataset-fashion-mnist is not in this system's package lists" in printed
+    assert "downloaded by torchvision" in printed and "DDPM_CHROMIUM=/usr/bin/google-chrome" in printed
+    install = next(line for line in calls.splitlines() if line.startswith("apt-get install")).split()
+    assert "dataset-fashion-mnist" not in install and "chromium" not in install
+    order = [line.split()[0] + (" " + line.split()[1] if line.startswith("make") else "")
+             for line in calls.splitlines() if line.startswith(("make", "python"))]
+    assert order == ["make .venv/.installed", "python", "make test"], order
+    assert "load_fashion_mnist" in calls
