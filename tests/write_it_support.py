@@ -53,10 +53,17 @@ def namespace(nb) -> dict:
     """A fresh namespace holding what the chapter's import cell (its first code cell after the
     Colab set-up cell) defines, run in quick mode with a non-interactive matplotlib."""
     matplotlib.use("Agg")
-    os.environ["DDPM_QUICK"] = "1"
     code = [c for c in nb.cells if c.cell_type == "code" and not c.source.startswith(SETUP_MARK)]
     ns = {"__name__": "__chapter__"}
-    return run(code[0].source, ns)
+    saved = os.environ.get("DDPM_QUICK")
+    os.environ["DDPM_QUICK"] = "1"          # the preset the cell picks; restored for the other tests
+    try:
+        return run(code[0].source, ns)
+    finally:
+        if saved is None:
+            del os.environ["DDPM_QUICK"]
+        else:
+            os.environ["DDPM_QUICK"] = saved
 
 
 def mutate(source: str, old: str, new: str) -> str:
