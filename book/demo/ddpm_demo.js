@@ -230,6 +230,7 @@
       .ddpm-demo-controls input[type=number] { width: 8em; }
       .ddpm-demo-scrub { display: flex; gap: 0.8em; align-items: center; margin-top: 0.6em; }
       .ddpm-demo-scrub input { flex: 1; }
+      .ddpm-demo-scrub output { min-width: 11em; }   /* the slider keeps its length as the label changes */
       .ddpm-demo-row { margin: 0.6em 0 0.2em; font-size: 0.9em; }
       .ddpm-demo-note { border-left: 4px solid #c60; padding: 0.5em 1em; background: #fff6ec; }`;
     document.head.appendChild(style);
