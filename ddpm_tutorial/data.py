@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .checks import to_unit  # noqa: F401  ([-1, 1] -> [0, 1]; the chapters import it from here)
+
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -237,8 +239,3 @@ def load_fashion_mnist(train: bool = True, root: str | os.PathLike | None = None
     if subset:
         x, y = x[:subset], y[:subset]
     return x, y
-
-
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1], clamped, for display and for the metric."""
-    return ((x + 1) / 2).clamp(0, 1)

@@ -2,51 +2,16 @@
 
 Every function takes the schedule and tensors explicitly; nothing is global.
 Images are (B, C, H, W) float tensors scaled to [-1, 1]; timesteps ``t`` are
-(B,) integer tensors indexing 0..T-1 (index t = paper step t+1).
+(B,) integer tensors indexing 0..T-1 (index t = paper step t+1). Each function is
+the equation alone; the checks a learner needs run at its door (the end of this file).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 
-from .schedules import NoiseSchedule, check_timesteps, extract
-
-RANGE_TOL = 1e-3      # images may overshoot [-1, 1] by float rounding, not more
-
-
-def check_images(x: torch.Tensor, name: str = "x", *, shape: tuple | None = None,
-                 in_range: bool = False, min_count: int = 0) -> None:
-    """Raise a clear error unless ``x`` is a floating (B, C, H, W) tensor.
-
-    Optional, for entry points that need more: ``shape`` = the expected (C, H, W);
-    ``min_count`` = the fewest images B; ``in_range`` = every value finite and in [-1, 1]
-    (up to float rounding). The one image check of the package: math, trainer and metric.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
-    if x.ndim != 4 or (shape is not None and tuple(x.shape[1:]) != tuple(shape)):
-        want = f"(B, {', '.join(map(str, shape))})" if shape is not None else "(B, C, H, W)"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor scaled to [-1, 1], got {x.dtype}; "
-                        "convert uint8 images with x.float() / 127.5 - 1")
-    if len(x) < min_count:
-        raise ValueError(f"{name}: need at least {min_count} images, got {len(x)}")
-    if in_range and len(x):
-        lo, hi = (v.item() for v in torch.aminmax(x.detach()))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError(f"{name} contain NaN or inf")
-        if lo < -1 - RANGE_TOL or hi > 1 + RANGE_TOL:
-            raise ValueError(f"{name} must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; "
-                             "clamp them (x.clamp(-1, 1)) or rescale them to [-1, 1]")
-
-
-def _check_pair(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
-    if a.shape != b.shape:
-        raise ValueError(f"{name_a} and {name_b} must have the same shape, "
-                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+from .checks import door
+from .schedules import NoiseSchedule, extract
 
 
 def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
@@ -57,9 +22,6 @@ def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
 
     x0, eps: (B, C, H, W); t: (B,). Returns x_t: (B, C, H, W).
     """
-    check_images(x0, "x0")
-    check_timesteps(t, schedule.T, batch=x0.shape[0])
-    _check_pair(x0, eps, "x0", "eps")
     return (extract(schedule.sqrt_alpha_bar, t, x0.shape) * x0
             + extract(schedule.sqrt_one_minus_alpha_bar, t, x0.shape) * eps)
 
@@ -70,9 +32,6 @@ def q_step(schedule: NoiseSchedule, x_prev: torch.Tensor, t: torch.Tensor,
 
     Iterating it from x_0 must agree with :func:`q_sample` in distribution.
     """
-    check_images(x_prev, "x_prev")
-    check_timesteps(t, schedule.T, batch=x_prev.shape[0])
-    _check_pair(x_prev, eps, "x_prev", "eps")
     return (extract(schedule.alpha, t, x_prev.shape).sqrt() * x_prev
             + extract(schedule.beta, t, x_prev.shape).sqrt() * eps)
 
@@ -87,9 +46,6 @@ def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor,
 
     Returns (mean (B, C, H, W), variance (B, 1, 1, 1)).
     """
-    check_images(xt, "xt")
-    check_timesteps(t, schedule.T, batch=xt.shape[0])
-    _check_pair(x0, xt, "x0", "xt")
     mean = (extract(schedule.posterior_mean_coef_x0, t, xt.shape) * x0
             + extract(schedule.posterior_mean_coef_xt, t, xt.shape) * xt)
     return mean, extract(schedule.beta_tilde, t, xt.shape)
@@ -101,11 +57,21 @@ def predict_x0_from_eps(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tens
 
         hat-x_0 = (x_t - sqrt(1 - bar-alpha_t) eps) / sqrt(bar-alpha_t)
     """
-    check_images(xt, "xt")
-    check_timesteps(t, schedule.T, batch=xt.shape[0])
-    _check_pair(xt, eps, "xt", "eps")
     return ((xt - extract(schedule.sqrt_one_minus_alpha_bar, t, xt.shape) * eps)
             / extract(schedule.sqrt_alpha_bar, t, xt.shape))
+
+
+def predict_eps_from_x0(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor,
+                        x0: torch.Tensor) -> torch.Tensor:
+    """Invert Eq. 4 for the noise given an estimate of x_0 (the noise that x_0 implies):
+
+        hat-eps = (x_t - sqrt(bar-alpha_t) hat-x_0) / sqrt(1 - bar-alpha_t)
+
+    After hat-x_0 is clipped to [-1, 1], the noise re-derived from it agrees with the clipped
+    image again (the released code of Dhariwal & Nichol 2021 does this in its DDIM step).
+    """
+    return ((xt - extract(schedule.sqrt_alpha_bar, t, xt.shape) * x0)
+            / extract(schedule.sqrt_one_minus_alpha_bar, t, xt.shape))
 
 
 def v_target(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -116,9 +82,6 @@ def v_target(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, eps: to
     Where the SNR is low, v is mostly -x_0 and the network predicts the image, not the noise:
     x_0 needs no division by sqrt(bar-alpha_t) (see :func:`eps_and_x0`).
     """
-    check_images(x0, "x0")
-    check_timesteps(t, schedule.T, batch=x0.shape[0])
-    _check_pair(x0, eps, "x0", "eps")
     return (extract(schedule.sqrt_alpha_bar, t, x0.shape) * eps
             - extract(schedule.sqrt_one_minus_alpha_bar, t, x0.shape) * x0)
 
@@ -137,9 +100,6 @@ def eps_and_x0(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor,
     """
     if schedule.prediction == "eps":
         return output, predict_x0_from_eps(schedule, xt, t, output)
-    check_images(xt, "xt")
-    check_timesteps(t, schedule.T, batch=xt.shape[0])
-    _check_pair(xt, output, "xt", "v_theta")
     a = extract(schedule.sqrt_alpha_bar, t, xt.shape)
     sigma = extract(schedule.sqrt_one_minus_alpha_bar, t, xt.shape)
     return sigma * xt + a * output, a * xt - sigma * output
@@ -153,9 +113,6 @@ def eps_posterior_mean(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tenso
 
     With the true noise it equals tilde-mu_t of Eq. 7 with the true x_0.
     """
-    check_images(xt, "xt")
-    check_timesteps(t, schedule.T, batch=xt.shape[0])
-    _check_pair(xt, eps, "xt", "eps")
     coef = extract(schedule.beta, t, xt.shape) / extract(schedule.sqrt_one_minus_alpha_bar, t, xt.shape)
     return (xt - coef * eps) / extract(schedule.alpha, t, xt.shape).sqrt()
 
@@ -216,41 +173,33 @@ def loss_simple(model, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tenso
     reduction="none" returns the per-sample loss (B,), used for the loss per t bucket.
     y: class labels (B,) for a class-conditional model (Ho & Salimans 2022), else None.
     """
-    check_images(x0, "x0")
-    B = x0.shape[0]
     if t is None:   # Algorithm 1, line 3
-        t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)
+        t = torch.randint(0, schedule.T, (len(x0),), device=x0.device, generator=generator)
     if eps is None:  # Algorithm 1, line 4
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     xt = q_sample(schedule, x0, t, eps)
     output = model(xt, t) if y is None else model(xt, t, y)
     target = eps if schedule.prediction == "eps" else v_target(schedule, x0, t, eps)
     per_sample = F.mse_loss(output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if reduction == "none":
-        return per_sample
-    if reduction == "mean":
-        return per_sample.mean()
-    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return per_sample.mean() if reduction == "mean" else per_sample
 
 
-def p_sample(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, eps_theta: torch.Tensor,
+def p_sample(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, output: torch.Tensor,
              z: torch.Tensor | None = None, clip_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One reverse step x_{t-1} ~ p_theta(x_{t-1} | x_t), Algorithm 2 line 4:
 
         x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - bar-alpha_t) eps_theta) + sigma_t z
 
     with sigma_t^2 = beta_t (the paper's choice) and z = 0 at the last step (index t = 0).
+    ``output`` is the network's output: eps_theta(x_t, t), or v_theta for a v-prediction
+    schedule (``schedule.prediction == "v"``), read by :func:`eps_and_x0`; then the mean is
+    tilde-mu_t(x_t, hat-x_0) of Eq. 7, the same mean written without the division.
     ``clip_x0=True`` is an explicit deviation (the paper's released code does it):
     hat-x_0 is clipped to [-1, 1] and the mean becomes tilde-mu_t(x_t, hat-x_0) of Eq. 7.
-    A v-prediction network's output (``schedule.prediction == "v"``) is read by :func:`eps_and_x0`
-    and the mean is tilde-mu_t(x_t, hat-x_0), the same mean written without the division.
 
-    xt, eps_theta, z: (B, C, H, W); t: (B,). Returns (x_{t-1}, hat-x_0), both (B, C, H, W).
+    xt, output, z: (B, C, H, W); t: (B,). Returns (x_{t-1}, hat-x_0), both (B, C, H, W).
     """
-    check_images(xt, "xt")
-    check_timesteps(t, schedule.T, batch=xt.shape[0])
-    _check_pair(xt, eps_theta, "xt", "eps_theta")
-    _, x0_hat = eps_and_x0(schedule, xt, t, eps_theta)
+    eps_theta, x0_hat = eps_and_x0(schedule, xt, t, output)
     if clip_x0:
         x0_hat = x0_hat.clamp(-1, 1)
     if clip_x0 or schedule.prediction == "v":
@@ -259,7 +208,24 @@ def p_sample(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, eps_the
         mean = eps_posterior_mean(schedule, xt, t, eps_theta)     # Eq. 11
     if z is None:
         z = torch.randn_like(xt)
-    _check_pair(xt, z, "xt", "z")
     sigma = extract(schedule.beta, t, xt.shape).sqrt()
     nonzero = (t > 0).to(xt.dtype).reshape(-1, *([1] * (xt.ndim - 1)))  # no noise at t = 1 (index 0)
     return mean + nonzero * sigma * z, x0_hat
+
+
+# --- the doors -----------------------------------------------------------------------------------
+# Called from a notebook, each function first checks its arguments (checks.door): images
+# (B, C, H, W) of one shape, timesteps (B,) in [0, T), data in [-1, 1]. Called from inside the
+# package (loss_simple's q_sample, the sampler's p_sample) it trusts them: the equations above
+# check nothing.
+q_sample = door(q_sample, images=("x0", "eps"), t="t", data="x0")
+q_step = door(q_step, images=("x_prev", "eps"), t="t")
+q_posterior = door(q_posterior, images=("xt", "x0"), t="t")
+predict_x0_from_eps = door(predict_x0_from_eps, images=("xt", "eps"), t="t")
+predict_eps_from_x0 = door(predict_eps_from_x0, images=("xt", "x0"), t="t")
+v_target = door(v_target, images=("x0", "eps"), t="t")
+eps_and_x0 = door(eps_and_x0, images=("xt", "output"), t="t")
+eps_posterior_mean = door(eps_posterior_mean, images=("xt", "eps"), t="t")
+loss_simple = door(loss_simple, images=("x0", "eps"), t="t", data="x0", nonempty=True,
+                   choices={"reduction": ("mean", "none")})
+p_sample = door(p_sample, images=("xt", "output", "z"), t="t")

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .diffusion import check_images, eps_and_x0, eps_posterior_mean, normal_kl, q_posterior, q_sample
-from .schedules import NoiseSchedule, check_timesteps
+from .checks import check_images, check_timesteps
+from .diffusion import eps_and_x0, eps_posterior_mean, normal_kl, q_posterior, q_sample
+from .schedules import NoiseSchedule
 
 VARIANCES = ("beta", "beta_tilde")   # sigma_t^2 of p_theta(x_{t-1} | x_t): Ho et al. section 3.2
 BIN = 2 / 255                        # the width of one grey level in [-1, 1]

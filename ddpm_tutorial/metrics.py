@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import diffusion
+from . import checks
 from .data import CLASSES, load_fashion_mnist
 
 __all__ = ["FashionClassifier", "load_classifier", "classifier_features", "frechet_distance", "feature_stats",
@@ -128,7 +128,7 @@ def load_classifier(device: str | torch.device = "cpu", path: str | Path | None 
 def check_images(x: torch.Tensor, name: str = "samples") -> None:
     """Raise unless x is float (N, 1, 28, 28) with finite values in [-1, 1], N >= 2 (a covariance
     needs two); warn when every value is >= 0 (images scaled to [0, 1] by mistake)."""
-    diffusion.check_images(x, name, shape=(1, 28, 28), in_range=True, min_count=2)
+    checks.check_images(x, name, shape=(1, 28, 28), in_range=True, min_count=2)
     if x.min().item() >= 0:   # Fashion-MNIST backgrounds are -1; an all-nonnegative batch is almost surely [0, 1]
         warnings.warn(f"all {name} are >= 0: were they scaled to [0, 1]? The metric expects [-1, 1].",
                       stacklevel=3)

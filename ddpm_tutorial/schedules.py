@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from .checks import check_int
 from .config import PREDICTIONS, SCHEDULES, DiffusionConfig
 
 
@@ -144,43 +145,16 @@ def make_schedule(name: str = "linear", T: int = 1000, beta_start: float = 1e-4,
              "cosine": lambda: cosine_betas(T)}
     if name not in betas:
         raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULES}")
-    if not isinstance(T, int) or T < 1:
-        raise ValueError(f"T must be an integer >= 1, got {T!r}")
+    check_int(T, "T", minimum=1)
     beta = betas[name]()
     return NoiseSchedule.from_betas(rescale_zero_terminal_snr(beta) if zero_terminal_snr else beta, prediction)
-
-
-def check_timesteps(t: torch.Tensor, T: int, batch: int | None = None) -> None:
-    """Raise a clear error unless ``t`` is an integer tensor of shape (B,) in [0, T).
-
-    Called once at public entry points (the U-Net's forward, ``loss_simple``, ``q_sample``...),
-    never inside :func:`extract`. The range check reads two numbers back from a CPU tensor; on
-    CUDA it is an asynchronous device assert, so the sampling loop never waits for the GPU.
-    """
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"t must be a torch.Tensor of integer timesteps, got {type(t).__name__}")
-    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"t must hold integer timesteps (torch.long), got dtype {t.dtype}")
-    if t.ndim != 1:
-        raise ValueError(f"t must have shape (B,), got {tuple(t.shape)}")
-    if batch is not None and t.shape[0] != batch:
-        raise ValueError(f"t has {t.shape[0]} timesteps but the batch has {batch} images")
-    if not t.numel():
-        return
-    if t.device.type != "cpu":
-        torch._assert_async(((t >= 0) & (t < T)).all(), f"timesteps must lie in [0, {T})")
-        return
-    lo, hi = (int(v) for v in torch.aminmax(t))
-    if lo < 0 or hi >= T:
-        raise ValueError(f"timesteps must lie in [0, {T}) (code index = paper t - 1), "
-                         f"got min {lo}, max {hi}")
 
 
 def extract(a: torch.Tensor, t: torch.Tensor, x_shape) -> torch.Tensor:
     """Pick a[t] per sample and shape it to broadcast over x: (T,), (B,) -> (B, 1, 1, 1).
 
-    No range check here (it runs several times per sampling step): callers validate ``t``
-    once with :func:`check_timesteps`. Out-of-range indices still fail in the indexing.
+    No range check here (it runs several times per sampling step): the doors validate ``t``
+    once (checks.check_timesteps). Out-of-range indices still fail in the indexing.
     """
     if t.ndim != 1 or t.shape[0] != x_shape[0]:
         raise ValueError(f"t must have shape (B,) = ({x_shape[0]},), got {tuple(t.shape)}")

@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoint import configs_from_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from .checks import check_images
 from .config import DiffusionConfig, ModelConfig, Preset, TrainConfig, resolve_device
-from .diffusion import check_images, loss_simple, loss_weight
+from .diffusion import loss_simple, loss_weight
 from .schedules import NoiseSchedule
 
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_timesteps
 from .config import ModelConfig
 from .embeddings import TimeEmbedding
-from .schedules import check_timesteps
 
 
 class ResBlock(nn.Module):

@@ -7,7 +7,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import torch
 
-from .data import to_unit
+from .checks import to_unit
 
 
 def grid_array(images: torch.Tensor, nrow: int | None = None, pad: int = 1):

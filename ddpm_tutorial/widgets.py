@@ -94,6 +94,9 @@ def frames_to_png(frames, scale: int = 1) -> list[bytes]:
     """
     if not (isinstance(scale, int) and scale >= 1):
         raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    if isinstance(frames, (str, bytes)) or not hasattr(frames, "__iter__"):
+        raise TypeError(f"frames must be a sequence of images (a list, an array or a tensor), "
+                        f"got {type(frames).__name__}")
     frames = list(frames)
     if not frames:
         raise ValueError("frames is empty: expected at least one image")
@@ -117,6 +120,7 @@ def slider_html(frames, labels, title: str | None = None, width: int | None = No
     is the number of frames) and a fresh unique id, so several sliders can
     share a page and tests can find them.
     """
+    _check_title(title)
     pngs = frames_to_png(frames)
     labels = _check_labels(labels, len(pngs))
     w, h = _png_size(pngs[0])
@@ -161,6 +165,7 @@ def live_slider(frames, labels, title: str | None = None, width: int | None = No
     """
     import ipywidgets as widgets  # lazily: the static slider must not need it
 
+    _check_title(title)
     pngs = frames_to_png(frames)
     labels = _check_labels(labels, len(pngs))
     w, _ = _png_size(pngs[0])
@@ -276,14 +281,23 @@ def _png_size(png: bytes) -> tuple[int, int]:
 def _display_width(w: int, width: int | None) -> int:
     if width is None:
         return w * max(1, TARGET_WIDTH // w)
-    if not (isinstance(width, int) and width > 0):
+    if isinstance(width, bool) or not isinstance(width, int):
+        raise TypeError(f"width must be a positive integer number of CSS pixels, got {width!r}")
+    if width < 1:
         raise ValueError(f"width must be a positive integer number of CSS pixels, got {width!r}")
     return width
+
+
+def _check_title(title) -> None:
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"title must be a string or None, got {title!r} ({type(title).__name__})")
 
 
 def _check_labels(labels, n: int) -> list[str]:
     if isinstance(labels, str):
         raise TypeError("labels must be a sequence of strings, one per frame, not a single string")
+    if not hasattr(labels, "__iter__"):
+        raise TypeError(f"labels must be a sequence of strings, one per frame, got {type(labels).__name__}")
     labels = [str(label) for label in labels]
     if len(labels) != n:
         raise ValueError(f"got {n} frames but {len(labels)} labels: give exactly one label per frame")

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from ddpm_tutorial.diffusion import (RANGE_TOL, check_images, eps_posterior_mean, loss_simple, loss_weight, p_sample,
-                                     predict_x0_from_eps, q_posterior, q_sample, q_step)
+from ddpm_tutorial.checks import RANGE_TOL, check_images
+from ddpm_tutorial.diffusion import (eps_posterior_mean, loss_simple, loss_weight, p_sample, predict_x0_from_eps,
+                                     q_posterior, q_sample, q_step)
 from ddpm_tutorial.schedules import make_schedule
 
 SCHEDULE = make_schedule("linear")           # the paper's: T = 1000, 1e-4 .. 0.02
@@ -152,7 +153,7 @@ def test_bad_inputs():
         q_sample(SCHEDULE, x0, torch.tensor([1, 2, 1000]), eps)
     with pytest.raises(ValueError, match="xt and z must have the same shape"):
         p_sample(SCHEDULE, x0, t, eps, z=eps[:, :, :4])
-    with pytest.raises(ValueError, match="xt and eps_theta must have the same shape"):
+    with pytest.raises(ValueError, match="xt and output must have the same shape"):
         p_sample(SCHEDULE, x0, t, eps[:1])
     with pytest.raises(ValueError, match="x_prev and eps must have the same shape"):
         q_step(SCHEDULE, x0, t, eps[:1])

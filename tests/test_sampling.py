@@ -67,7 +67,42 @@ def test_named_samplers_are_the_one_loop(model):
                        sample(model, SCHEDULE, "ddim", eta=0.5, **kw).images)
     assert torch.equal(dpm_solver_sample(model, SCHEDULE, **kw).images,
                        sample(model, SCHEDULE, "dpm++2m", **kw).images)
-    assert SOLVERS == ("ddim", "dpm++2m")
+    assert torch.equal(ddpm_sample(model, SCHEDULE, n=2, seed=3, progress=False).images,
+                       sample(model, SCHEDULE, "ddpm", n=2, seed=3, progress=False).images)
+    assert SOLVERS == ("ddpm", "ddim", "dpm++2m")
+
+
+def _previous_ddpm_loop(model, schedule, n, seed, clip_x0=False):
+    """The DDPM loop as it was before it joined ``sample`` (git 573f600, ``ddpm_sample``): Algorithm 2
+    with one CPU noise draw per step, copied to the device at that step."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, cfg.in_channels, cfg.image_size, cfg.image_size), generator=g)
+    with torch.no_grad():
+        for t_index in range(schedule.T - 1, -1, -1):
+            t = torch.full((n,), t_index, dtype=torch.long)
+            eps_theta = model(x, t).float()
+            z = torch.randn(x.shape, generator=g) if t_index > 0 else torch.zeros_like(x)
+            x, _ = p_sample(schedule, x, t, eps_theta, z, clip_x0=clip_x0)
+    return x
+
+
+@pytest.mark.parametrize("clip_x0", [False, True])
+def test_ddpm_samples_are_those_of_the_previous_loop_bit_for_bit(model, clip_x0):
+    """The same seed gives the same DDPM samples as before the loops were joined (the noise of
+    several steps is now drawn ahead, the same draws in the same order)."""
+    out = ddpm_sample(model, SCHEDULE, n=3, seed=11, clip_x0=clip_x0, progress=False)
+    assert torch.equal(out.raw, _previous_ddpm_loop(model, SCHEDULE, 3, 11, clip_x0))
+
+
+def test_noise_stream_draws_what_one_draw_per_step_would(monkeypatch):
+    """Chunks of draws, the same numbers as one draw per step, and not one draw more (a generator
+    shared with later code sees the same stream)."""
+    from ddpm_tutorial.sampling import noise_stream
+    g, h = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    got = list(noise_stream(g, (2, 3), torch.device("cpu"), count=7, chunk=3))
+    assert len(got) == 7 and all(torch.equal(z, torch.randn((2, 3), generator=h)) for z in got)
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=h))
 
 
 def test_ddim_eta0_is_deterministic_given_x_T(model):
@@ -100,13 +135,50 @@ def test_ddpm_record_trajectory(model):
     assert ddpm_sample(model, SCHEDULE, n=1, progress=False).trajectory == {}
 
 
+def test_rederive_eps_points_ddims_direction_at_the_clipped_x0(model):
+    """clip_x0 alone keeps the network's hat-eps in DDIM's direction term; with rederive_eps the
+    step uses the noise the clipped hat-x_0 implies, (x_t - sqrt(ab_t) x0c) / sqrt(1 - ab_t), so
+    x_s = sqrt(ab_s) x0c + sqrt(1 - ab_s) (x_t - sqrt(ab_t) x0c) / sqrt(1 - ab_t) (eta = 0)."""
+    k, x_k = 15, torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    ab = SCHEDULE.alpha_bar.double()
+    with torch.no_grad():
+        eps = model(x_k, torch.full((2,), k)).double()
+    assert ((x_k - (1 - ab[k]).sqrt() * eps) / ab[k].sqrt()).abs().max() > 1.5      # the clip has work to do
+    kw = dict(n=2, steps=2, t_start=k, x_T=x_k, clip_x0=True, record=(k, 0), progress=False)
+    re = sample(model, SCHEDULE, "ddim", rederive_eps=True, **kw)
+    x0c = re.x0_trajectory[k].double()
+    expected = ab[0].sqrt() * x0c + (1 - ab[0]).sqrt() * (x_k - ab[k].sqrt() * x0c) / (1 - ab[k]).sqrt()
+    torch.testing.assert_close(re.trajectory[0].double(), expected, atol=1e-5, rtol=1e-5)
+    raw = sample(model, SCHEDULE, "ddim", **kw)                                     # the default: raw hat-eps
+    expected_raw = ab[0].sqrt() * x0c + (1 - ab[0]).sqrt() * eps
+    torch.testing.assert_close(raw.trajectory[0].double(), expected_raw, atol=1e-5, rtol=1e-5)
+    assert (raw.trajectory[0] - re.trajectory[0]).abs().max() > 1e-2
+    for method in ("ddpm", "dpm++2m"):        # their steps read hat-x_0 alone: the option changes nothing
+        kw = dict(n=2, seed=1, clip_x0=True, progress=False, **({} if method == "ddpm" else {"steps": 4}))
+        assert torch.equal(sample(model, SCHEDULE, method, rederive_eps=True, **kw).raw,
+                           sample(model, SCHEDULE, method, **kw).raw)
+    with pytest.raises(ValueError, match="rederive_eps re-derives the noise from the clipped hat-x_0: it needs clip_x0"):
+        sample(model, SCHEDULE, "ddim", n=1, steps=2, rederive_eps=True, progress=False)
+
+
 def test_raw_keeps_the_unclamped_result(model):
     out = ddim_sample(model, SCHEDULE, n=3, steps=3, seed=0, progress=False)
     assert out.raw.abs().max() > 1                      # an untrained net overshoots [-1, 1]
     assert torch.equal(out.images, out.raw.clamp(-1, 1))
 
 
-@pytest.mark.parametrize("method", SOLVERS)
+SUBSEQUENCE = ("ddim", "dpm++2m")       # the methods that step on a sub-sequence tau of ``steps``
+
+
+def test_ddpm_is_every_step_and_refuses_a_step_count(model):
+    spy = Spy(model)
+    out = sample(spy, SCHEDULE, "ddpm", n=2, t_start=11, x_T=torch.zeros(2, 1, 8, 8), record=(11, 5), progress=False)
+    assert [int(t[0]) for t in spy.calls] == list(range(11, -1, -1)) and set(out.trajectory) == {11, 5}
+    with pytest.raises(ValueError, match="DDPM takes every step from t_start down to 0: leave steps out"):
+        sample(model, SCHEDULE, "ddpm", n=1, steps=5, progress=False)
+
+
+@pytest.mark.parametrize("method", SUBSEQUENCE)
 def test_record_keeps_only_visited_steps(model, method):
     assert ddim_timesteps(20, 4) == [19, 13, 6, 0]
     out = sample(model, SCHEDULE, method, n=2, steps=4, record=(19, 13, 12, 0), progress=False)
@@ -139,7 +211,7 @@ def test_ddim_timesteps():
 
 # --- partial noise: starting from x_t at a given step --------------------------------------------
 
-@pytest.mark.parametrize("method", SOLVERS)
+@pytest.mark.parametrize("method", SUBSEQUENCE)
 def test_t_start_starts_at_the_given_step(model, method):
     """sample(t_start=k, x_T=x_k): the first network call is at t = k on the given x_k, then
     ``steps`` calls in all, down to t = 0."""
@@ -265,7 +337,7 @@ def test_dpmpp_2m_is_second_order_ddim_first_order(gaussian_eps):
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     exact = net.ode_solution(x_T)
     err = {(m, k): (sample(net, schedule, m, n=4, steps=k, x_T=x_T, progress=False).raw.double()
-                    - exact).abs().max().item() for m in SOLVERS for k in (200, 400)}
+                    - exact).abs().max().item() for m in SUBSEQUENCE for k in (200, 400)}
     ddim_ratio = err["ddim", 200] / err["ddim", 400]
     dpm_ratio = err["dpm++2m", 200] / err["dpm++2m", 400]
     assert 1.5 < ddim_ratio < 2.6, err
@@ -330,7 +402,7 @@ def test_a_diverged_network_is_caught(model, monkeypatch):
 
 
 def test_sampling_bad_inputs(model):
-    with pytest.raises(ValueError, match="number of samples must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"n \(the number of samples\) must be an integer >= 1, got 0"):
         ddpm_sample(model, SCHEDULE, n=0, progress=False)
     with pytest.raises(ValueError, match=r"x_T must have shape \(2, 1, 8, 8\), got \(2, 1, 4, 4\)"):
         ddim_sample(model, SCHEDULE, n=2, steps=2, x_T=torch.zeros(2, 1, 4, 4), progress=False)
@@ -339,7 +411,7 @@ def test_sampling_bad_inputs(model):
             ddim_sample(model, SCHEDULE, n=2, steps=2, eta=bad, progress=False)
     with pytest.raises(ValueError, match=r"steps must be in \[1, 20\], got 21"):
         ddim_sample(model, SCHEDULE, n=1, steps=21, progress=False)
-    with pytest.raises(ValueError, match=r"method must be one of \('ddim', 'dpm\+\+2m'\), got 'euler'"):
+    with pytest.raises(ValueError, match=r"method must be one of \('ddpm', 'ddim', 'dpm\+\+2m'\), got 'euler'"):
         sample(model, SCHEDULE, "euler", n=1, steps=2, progress=False)
     with pytest.raises(ValueError, match="eta applies to DDIM only"):
         sample(model, SCHEDULE, "dpm++2m", n=1, steps=2, eta=0.5, progress=False)

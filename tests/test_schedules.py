@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ddpm_tutorial.config import DiffusionConfig
-from ddpm_tutorial.schedules import (NoiseSchedule, check_timesteps, cosine_betas, extract,
-                                     linear_betas, make_schedule)
+from ddpm_tutorial.checks import check_timesteps
+from ddpm_tutorial.schedules import NoiseSchedule, cosine_betas, extract, linear_betas, make_schedule
 
 FIELDS = ("beta", "alpha", "alpha_bar", "alpha_bar_prev", "sqrt_alpha_bar",
           "sqrt_one_minus_alpha_bar", "beta_tilde", "posterior_mean_coef_x0",
@@ -142,14 +142,14 @@ def test_extract_checks_only_the_batch_shape():
 def test_extract_does_not_validate_or_sync(monkeypatch):
     """extract runs several times per sampling step: no check_timesteps, no value read back
     to the host (each is a device sync on CUDA). Entry points validate t once instead."""
-    import ddpm_tutorial.schedules as schedules
+    import ddpm_tutorial.checks as checks
 
     def forbidden(*args, **kwargs):
         raise AssertionError("extract validated t (check_timesteps) or read a value back to the host")
 
     a = torch.arange(10, dtype=torch.float32)
     t = torch.tensor([3, 0, 9])
-    monkeypatch.setattr(schedules, "check_timesteps", forbidden)
+    monkeypatch.setattr(checks, "check_timesteps", forbidden)
     for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     monkeypatch.setattr(torch, "aminmax", forbidden)
@@ -159,9 +159,9 @@ def test_extract_does_not_validate_or_sync(monkeypatch):
 
 
 def test_extract_out_of_range_still_fails_in_the_indexing(monkeypatch):
-    import ddpm_tutorial.schedules as schedules
+    import ddpm_tutorial.checks as checks
     calls = []
-    monkeypatch.setattr(schedules, "check_timesteps", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(checks, "check_timesteps", lambda *a, **k: calls.append(a))
     with pytest.raises(IndexError, match="out of bounds"):
         extract(torch.zeros(10), torch.tensor([0, 10]), (2, 1, 4, 4))
     assert calls == []
