@@ -244,13 +244,14 @@ def report(args) -> None:
                  for s in samplers]
         common.print_table(["sampler \\ network calls", *map(str, calls)], table)
     if "shipped" in files:
-        base = rows.get(("shipped", "DDIM (eta 1)", 49))
-        print("\nAgainst DDIM (eta 1) at the same calls (difference ± its spread; 'beyond' = more than two spreads):")
-        for (name, s, c), r in rows.items():
-            ref = rows.get(("shipped", "DDIM (eta 1)", c))
-            if name == "shipped" and s.startswith("Heun") and ref:
-                d, sp, beyond = fd_difference(quality(r), quality(ref))
-                print(f"  {s}, {c} calls: {d:+.1f} ± {sp:.1f} ({abs(d) / sp:.1f} spreads){' beyond' if beyond else ''}")
+        for against in ("DDIM (eta 0)", "DDIM (eta 1)"):
+            print(f"\nHeun on the shipped network against {against} at the same calls "
+                  "(difference ± its spread; 'beyond' = more than two spreads):")
+            for (name, s, c), r in rows.items():
+                ref = rows.get(("shipped", against, c))
+                if name == "shipped" and s.startswith("Heun") and ref:
+                    d, sp, beyond = fd_difference(quality(r), quality(ref))
+                    print(f"  {s}, {c} calls: {d:+.1f} ± {sp:.1f} ({abs(d) / sp:.1f} spreads){' beyond' if beyond else ''}")
     if "shipped" in files and "edm_scores" in files:
         best_ddpm = min((r for (n, _, c), r in rows.items() if n == "shipped" and c <= 50), key=lambda r: r["fd"])
         best_edm = min((r for (n, _, c), r in rows.items() if n == "edm_scores" and c <= 50), key=lambda r: r["fd"])
@@ -258,6 +259,12 @@ def report(args) -> None:
         print(f"\nbest <= 50 calls: EDM-trained {best_edm['sampler']} {best_edm['calls']}: {common.fd_cell(best_edm)}; "
               f"preset {best_ddpm['sampler']} {best_ddpm['calls']}: {common.fd_cell(best_ddpm)}; "
               f"difference {d:+.1f} ± {sp:.1f} ({abs(d) / sp:.1f} spreads){': beyond two' if beyond else ''}")
+        for (n, s, c), r in rows.items():
+            same = rows.get(("shipped", s, c))
+            if n == "edm_scores" and same:
+                d, sp, beyond = fd_difference(quality(r), quality(same))
+                print(f"  EDM-trained {s} {c} calls vs the preset with the same sampler: {d:+.1f} ± {sp:.1f} "
+                      f"({abs(d) / sp:.1f} spreads){' beyond' if beyond else ''}")
         for (n, s, c), r in rows.items():
             if n == "edm_scores":
                 d, sp, beyond = fd_difference(quality(r), quality(best_ddpm))
