@@ -7,8 +7,11 @@
     python -m ddpm_tutorial sample --checkpoint runs/cpu.pt --n 32 --png grid.png --tensor samples.pt
     python -m ddpm_tutorial export --checkpoint runs/cpu.pt --out my_model.pt
 
-Every argument is checked before any long work starts; an error is one line saying what was
-wrong and what to do, and the exit code is 1 (2 for a usage error, 130 after Ctrl-C).
+Every argument is checked before any long work starts, and every output before anything is
+written (ddpm_tutorial/outputs.py: no input is ever overwritten, no existing file without
+--force). An error is one line saying what was wrong and what to do; the exit code is 1
+(2 for a usage error, 130 after Ctrl-C, 143 after SIGTERM). Ctrl-C and SIGTERM during
+training save a resumable checkpoint first and print the command that resumes it.
 Under torchrun every process runs this same command; rank 0 alone prints and saves.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import dataclasses
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -28,6 +32,62 @@ except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)
 
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143     # 128 + the signal's number, as a shell reports it
+FASHION_SHAPE = (1, 28)                          # (channels, pixels) of Fashion-MNIST
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, which SLURM, Docker, systemd and a recycled Colab runtime send to stop a job.
+    A KeyboardInterrupt, so the trainer's Ctrl-C path (save, then stop) handles it as Ctrl-C."""
+
+
+class _Signals:
+    """Ctrl-C (SIGINT) and SIGTERM raise KeyboardInterrupt / :class:`Terminated` in the main
+    thread. Counts them and records the state of ``watch`` (the checkpoint) at the first, so a
+    second signal during the save that the first one started can be reported truthfully.
+    A signal a parent process set to be ignored (``nohup``, a background job) stays ignored."""
+
+    def __init__(self):
+        self.count, self.first, self.watch, self.watch_state = 0, None, None, None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            try:
+                if signal.getsignal(sig) is default:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:                     # not the main thread: signals stay as they are
+                return
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def ignore(self) -> None:
+        """Exiting now: one more Ctrl-C must not print a traceback over the last message."""
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        if self.count == 1:
+            self.first, self.watch_state = signum, _file_state(self.watch)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def exit_code(self, err: BaseException) -> int:
+        return EXIT_TERMINATED if isinstance(err, Terminated) or self.first == signal.SIGTERM else EXIT_INTERRUPTED
+
+
+def _file_state(path) -> tuple | None:
+    """(inode, mtime) of ``path``: it changes when a save renames a new file over it."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError):
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+# --- train ------------------------------------------------------------------------------------
 
 def _check_image_args(args) -> None:
     """The own-images options, checked before anything is read."""
@@ -35,7 +95,8 @@ def _check_image_args(args) -> None:
         given = [flag for flag, value in (("--image-size", args.image_size), ("--channels", args.channels),
                                           ("--stream", args.stream or None)) if value is not None]
         if given:
-            raise ValueError(f"{' and '.join(given)} apply to your own images: add --images DIR")
+            raise ValueError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to your own images: "
+                             "add --images DIR")
         return
     if args.data:
         raise ValueError("--images (your own folder) and --data (Fashion-MNIST files) exclude each other; "
@@ -51,112 +112,259 @@ def _check_image_args(args) -> None:
         raise ValueError("--image-size cannot change on --resume: the model was built for its size")
 
 
+def _check_workers(workers: int) -> None:
+    cores = os.cpu_count() or 1
+    if workers > 4 * cores:
+        raise ValueError(f"--workers {workers} is more than 4 per CPU core of this machine ({cores} cores): "
+                         f"at most {4 * cores}; 0 to {cores} are usual (0: the main process decodes)")
+
+
+def _resumed(args, overrides: dict):
+    """(checkpoint, preset, train config) of a resumed run: the checkpoint is read once, here,
+    and its own configs win over the preset's; only --steps (and --precision) may change."""
+    from .checkpoint import configs_from_checkpoint, load_checkpoint
+    from .config import get_preset
+    if args.preset:
+        raise ValueError(f"--preset {args.preset} cannot be combined with --resume: a resumed run keeps "
+                         "the settings it was started with (change only --steps)")
+    changed = sorted(set(overrides) - {"steps", "precision"})
+    if changed:
+        raise ValueError(f"--resume continues a run with its own settings; only --steps may change, not "
+                         f"{', '.join('--' + k.replace('_', '-') for k in changed)} (and --precision on a GPU)")
+    if args.conditional:
+        raise ValueError("--conditional cannot be combined with --resume: a resumed run keeps the model "
+                         "it was started with")
+    ckpt = load_checkpoint(args.resume)
+    if "optimizer" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{args.resume} holds no optimiser state (an exported checkpoint): it can be "
+                         "sampled from but not resumed; resume the training checkpoint it was exported from")
+    model_cfg, diffusion_cfg, train_cfg = configs_from_checkpoint(ckpt, args.resume)
+    train_cfg = dataclasses.replace(train_cfg, **overrides)
+    if train_cfg.steps <= ckpt["step"]:
+        raise ValueError(f"{args.resume} has already trained {ckpt['step']} steps; pass --steps N with "
+                         f"N > {ckpt['step']} to train further")
+    if not args.images and (model_cfg.in_channels, model_cfg.image_size) != FASHION_SHAPE:
+        raise ValueError(f"{args.resume} was trained on your own {model_cfg.in_channels}-channel "
+                         f"{model_cfg.image_size}px images, not Fashion-MNIST: pass --images DIR, the folder it "
+                         "was trained on")
+    name = ckpt.get("preset") or "unknown"
+    preset = dataclasses.replace(get_preset(name if name in PRESETS else None), name=name, model=model_cfg,
+                                 diffusion=diffusion_cfg, train=train_cfg)
+    return ckpt, preset, train_cfg
+
+
+def _new_run(args, overrides: dict):
+    """(None, preset, train config) of a new run: the preset's settings and the flags given."""
+    from .config import get_preset
+    preset = get_preset(args.preset)
+    if args.conditional and not args.images:          # --images: the folder's classes decide
+        from .data import CLASSES
+        preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, num_classes=len(CLASSES)))
+    return None, preset, dataclasses.replace(preset.train, **overrides)      # validated by TrainConfig
+
+
 def _load_images(args, preset, main: bool):
-    """(data, labels, model config) for --images: the preset's network at the folder's size and channels."""
-    from .image_folder import load_image_folder
+    """(data, labels, class names, model config) for --images: the preset's network at the
+    folder's size and channels (a resumed run's own)."""
+    from .image_folder import ImageFolder, folder_data
+    log = print if main else (lambda *a, **k: None)
     size = args.image_size or preset.model.image_size
     channels = args.channels or (preset.model.in_channels if args.resume else None)
-    data, labels = load_image_folder(args.images, size, channels, in_memory=False if args.stream else None,
-                                     workers=args.workers, log=print if main else (lambda *a, **k: None))
-    shape = data.shape[1:] if isinstance(data, torch.Tensor) else data.image_shape
-    model = dataclasses.replace(preset.model, in_channels=shape[0], image_size=size)
+    folder = ImageFolder(args.images, size, channels, log=log)
+    if args.resume and channels == 3 and not folder.colour:
+        raise ValueError(f"{args.resume} is a colour model, but every image in {args.images} is greyscale: "
+                         "resume it on the colour images it was trained on, or start a grey run (--channels 1)")
+    data, labels = folder_data(folder, in_memory=False if args.stream else None, workers=args.workers, log=log)
+    model = dataclasses.replace(preset.model, in_channels=folder.channels, image_size=size)
     if args.conditional and not args.resume:
         if labels is None:
             raise ValueError(f"--conditional needs classes: the folder layout {args.images}/<class>/<images> "
                              "(torchvision's ImageFolder), with every image in a class subfolder")
-        model = dataclasses.replace(model, num_classes=int(labels.max()) + 1)
+        model = dataclasses.replace(model, num_classes=len(folder.classes))
     if args.resume and model != preset.model:
         raise ValueError(f"{args.resume} was trained on {preset.model.in_channels}-channel {preset.model.image_size}px "
-                         f"images; --images gives {shape[0]}-channel {size}px ones")
-    return data, labels, model
+                         f"images; --images gives {folder.channels}-channel {size}px ones")
+    return data, labels, folder.classes, model
 
 
 def _train(args) -> None:
     from . import distributed
-    from .checkpoint import check_output_path, configs_from_checkpoint, load_checkpoint
-    from .config import get_preset
-    from .data import load_fashion_mnist
+    from .data import CLASSES, load_fashion_mnist
+    from .outputs import check_outputs
     from .runinfo import hardware_summary
-    from .train import build_trainer, check_global_batch
+    from .train import build_trainer, check_global_batch, resume_trainer
 
-    preset = get_preset(args.preset)
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "subset", "precision")
                  if getattr(args, k) is not None}
     if args.flip:
         overrides["hflip"] = True
     _check_image_args(args)
-    if args.resume:    # the checkpoint's own configs win over the preset's
-        if args.preset:
-            raise ValueError(f"--preset {args.preset} cannot be combined with --resume: a resumed run keeps "
-                             "the settings it was started with (change only --steps)")
-        if set(overrides) - {"steps", "precision"}:
-            changed = sorted(set(overrides) - {"steps", "precision"})
-            raise ValueError(f"--resume continues a run with its own settings; only --steps may change, not "
-                             f"{', '.join('--' + k.replace('_', '-') for k in changed)} (and --precision on a GPU)")
-        if args.conditional:
-            raise ValueError("--conditional cannot be combined with --resume: a resumed run keeps the model "
-                             "it was started with")
-        ckpt = load_checkpoint(args.resume)
-        if "optimizer" not in ckpt:
-            raise ValueError(f"{args.resume} holds no optimiser state (an exported checkpoint): it can be "
-                             "sampled from but not resumed; resume the training checkpoint it was exported from")
-        model_cfg, diffusion_cfg, train_cfg = configs_from_checkpoint(ckpt)
-        preset = dataclasses.replace(preset, name=f"{args.resume} (resumed)", model=model_cfg,
-                                     diffusion=diffusion_cfg, train=train_cfg)
-    if args.conditional and not args.resume:
-        from .data import CLASSES
-        preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, num_classes=len(CLASSES)))
-    train_cfg = dataclasses.replace(preset.train, **overrides)      # validated by TrainConfig
+    _check_workers(args.workers)
+    world = distributed.world_size_from_env()
+    ckpt, preset, train_cfg = _resumed(args, overrides) if args.resume else _new_run(args, overrides)
     out = Path(args.out or args.resume or f"runs/{preset.name}.pt")
-    check_output_path(out, overwrite=bool(args.force or (args.resume and out == Path(args.resume))))
-    if args.resume and train_cfg.steps <= ckpt["step"]:
-        raise ValueError(f"{args.resume} has already trained {ckpt['step']} steps; pass --steps N with "
-                         f"N > {ckpt['step']} to train further")
-    check_global_batch(train_cfg.batch_size, int(os.environ.get("WORLD_SIZE", "1") or 1))   # before any loading
-    ctx = distributed.init()             # one process: nothing to join; under torchrun: the process group
+    in_place = bool(args.resume) and Path(args.resume).resolve() == out.resolve()
+    check_outputs({"--out": out}, inputs={"--resume": None if in_place else args.resume},
+                  force=args.force or in_place, examples={"--out": "model.pt"},
+                  sizes={"--out": _checkpoint_bytes(preset.model)},
+                  exists_hint=f"pass --force to overwrite it, --resume {out} to continue training it, "
+                              "or choose another --out")
+    check_global_batch(train_cfg.batch_size, world)            # before any loading
+    model_cfg = preset.model if not args.images or args.resume else dataclasses.replace(
+        preset.model, image_size=args.image_size or preset.model.image_size, in_channels=args.channels or 3)
+    _check_memory(lambda b: _training_bytes(model_cfg, b // world), train_cfg.batch_size, "--batch-size",
+                  f"train at {model_cfg.image_size}x{model_cfg.image_size} px", "a smaller --image-size")
+    args.signals.watch = out
+    ctx = distributed.init(log=lambda line: print(line, file=sys.stderr, flush=True))
     try:
         main = ctx.rank == 0
         say = print if main else (lambda *a, **k: None)
-        say(f"preset {preset.name} on {hardware_summary(ctx.device)}"
+        say(f"preset {preset.name}" + (f" (resumed from {args.resume} at step {ckpt['step']})" if ckpt else "")
+            + f" on {hardware_summary(ctx.device)}"
             + (f", {ctx.world_size} processes ({ctx.backend}), {train_cfg.batch_size // ctx.world_size} images "
                f"each of a global batch of {train_cfg.batch_size}" if ctx.world_size > 1 else "")
             + f"; checkpoint -> {out}")
+        classes = ckpt.get("classes") if ckpt else None
         with distributed.local_main_first():      # one process per machine fills the data cache first
             if args.images:
-                data, labels, model_cfg = _load_images(args, preset, main)
+                data, labels, folder_classes, model_cfg = _load_images(args, preset, main)
                 preset = dataclasses.replace(preset, model=model_cfg)
+                if classes and model_cfg.num_classes and tuple(folder_classes) != tuple(classes):
+                    raise ValueError(f"{args.resume} was trained on the classes {', '.join(classes)}; the subfolders "
+                                     f"of {args.images} are {', '.join(folder_classes) or 'none'}: resume on the "
+                                     "folder it was trained on")
+                classes = classes or folder_classes
             else:
                 data, labels = load_fashion_mnist(train=True, subset=train_cfg.subset, root=args.data)
-        trainer = build_trainer(preset, data, device=ctx.device, train=train_cfg, loader_workers=args.workers,
-                                labels=labels if preset.model.num_classes else None)
-        if args.resume:
-            trainer.resume(args.resume)
-            trainer.cfg = train_cfg          # the same run, with a new number of total steps
-            say(f"resumed at step {trainer.step}")
-        _fit(trainer, args, out, say)
+                classes = classes or CLASSES
+        if len(data) < train_cfg.batch_size:
+            raise ValueError(f"--batch-size {train_cfg.batch_size} is larger than the {len(data)} training images: "
+                             f"give --batch-size {len(data)} or less, or more images")
+        labels = labels if preset.model.num_classes else None
+        if ckpt:
+            trainer = resume_trainer(args.resume, data, train_cfg.steps, device=ctx.device, labels=labels,
+                                     loader_workers=args.workers, precision=args.precision, ckpt=ckpt)
+        else:
+            trainer = build_trainer(preset, data, device=ctx.device, train=train_cfg, loader_workers=args.workers,
+                                    labels=labels)
+        trainer.meta = {"preset": preset.name, **({"classes": list(classes)[:preset.model.num_classes]}
+                                                  if preset.model.num_classes and classes else {})}
+        _fit(trainer, args, out, say, resumed_here=in_place)
     finally:
         distributed.cleanup()
 
 
-def _fit(trainer, args, out: Path, say) -> None:
+def _fit(trainer, args, out: Path, say, resumed_here: bool) -> None:
+    """Train, and on Ctrl-C / SIGTERM / a full disk say exactly what was kept and how to resume."""
+    from .outputs import DiskFullError
     start = trainer.step
+    saved = [start] if resumed_here else []              # steps the file at `out` is known to hold
+    data_arg = (f" --data {shlex.quote(args.data)}" if args.data else "") + \
+        (f" --images {shlex.quote(args.images)}" if args.images else "")
+    resume = f"python -m ddpm_tutorial train --resume {shlex.quote(str(out))}{data_arg}"
     try:
-        trainer.fit(checkpoint_path=out, checkpoint_every=args.save_every)
+        trainer.fit(checkpoint_path=out, checkpoint_every=args.save_every,
+                    callback=lambda tr: saved.append(tr.step) if args.save_every else None)
     except KeyboardInterrupt:
-        if trainer.step > start or (args.resume and out == Path(args.resume)):   # fit saved, or nothing new
-            data_arg = (f" --data {shlex.quote(args.data)}" if args.data else "") + \
-                (f" --images {shlex.quote(args.images)}" if args.images else "")
-            say(f"resume with: python -m ddpm_tutorial train --resume {shlex.quote(str(out))}{data_arg}",
+        signals = args.signals
+        if signals.count > 1 and _file_state(out) == signals.watch_state:   # the save was cut short
+            kept = (f"{out} still holds step {saved[-1]}; resume with: {resume}" if saved else
+                    "nothing was saved in this run")
+            say(f"interrupted again while saving: the save was abandoned (no half-written file); {kept}",
                 file=sys.stderr)
+        elif trainer.step > start or saved:            # fit saved the step reached, or nothing new
+            say(f"resume with: {resume}", file=sys.stderr)
         raise
+    except DiskFullError as err:
+        kept = (f"free some space, then resume with: {resume}" if out.exists() else
+                "nothing was saved in this run: free some space and run the command again")
+        raise DiskFullError(f"{err}; {kept}") from err
     say(f"done: {trainer.step} steps, final loss {trainer.history.loss[-1]:.4f}, "
         f"{trainer.history.seconds:.0f} s this run; checkpoint {out}")
 
 
+# --- memory and disk estimates ------------------------------------------------------------------
+
+def _feature_floats(cfg) -> float:
+    """Floats of one image's feature maps, one per resolution level: sum_l width_l (S / 2^l)^2,
+    plus the attention matrix (HW)^2 at the lowest level when the network has attention."""
+    floats = sum(w * (cfg.image_size / 2 ** level) ** 2 for level, w in enumerate(cfg.widths))
+    if cfg.attention:
+        floats += (cfg.image_size / 2 ** (len(cfg.widths) - 1)) ** 4
+    return floats
+
+
+def _parameter_count(cfg) -> int:
+    from .unet import UNet
+    with torch.device("meta"):                     # shapes only: nothing is allocated
+        return sum(p.numel() for p in UNet(cfg).parameters())
+
+
+def _checkpoint_bytes(cfg) -> int:
+    """A training checkpoint: weights, EMA and Adam's two moments in float32."""
+    return 4 * 4 * _parameter_count(cfg)
+
+
+# Measured peaks per image divided by 4 * _feature_floats (float32): 31-47 with a backward
+# pass (quick, cpu, cifar presets at 32 px), 9-15 sampling without gradients.
+TRAIN_FEATURE_COPIES, SAMPLE_FEATURE_COPIES = 16, 12
+
+
+def _training_bytes(cfg, batch: int) -> int:
+    """About the memory one process needs to train: weights, gradients, EMA and Adam
+    (5 float32 copies of the parameters) and the activations a backward pass keeps."""
+    return int(5 * 4 * _parameter_count(cfg)
+               + batch * 4 * _feature_floats(cfg) * TRAIN_FEATURE_COPIES * (cfg.num_res_blocks + 1))
+
+
+def _sampling_bytes(cfg, n: int) -> int:
+    return int(4 * _parameter_count(cfg) + n * 4 * _feature_floats(cfg) * SAMPLE_FEATURE_COPIES)
+
+
+def available_memory(device) -> int | None:
+    """Bytes free on ``device``: the GPU's free memory, or the machine's available memory
+    (MemAvailable of /proc/meminfo); None when it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(need_for, count: int, flag: str, what: str, too_large: str, device=None, hint: str = "") -> None:
+    """Refuse, before any allocation, a ``count`` (``flag``'s value: images at once) whose memory
+    ``need_for(count)`` exceeds what ``device`` has free; say the largest count that fits."""
+    from .outputs import size_text
+    device = device or default_device()
+    free, need = available_memory(device), need_for(count)
+    if free is None or need <= free:
+        return
+    per_image, fixed = need_for(1) - need_for(0), need_for(0)
+    most = int((free - fixed) // per_image) if per_image > 0 else 0
+    where = "the GPU has" if torch.device(device).type == "cuda" else "this machine has"
+    fix = f"{flag} {most} or less" if most >= 1 else too_large
+    raise MemoryError(f"{flag} {count} needs about {size_text(need)} of memory to {what}, {where} "
+                      f"{size_text(free)} available: use {fix}{hint}")
+
+
+# --- sample -----------------------------------------------------------------------------------
+
 def _sample(args) -> None:
-    from .checkpoint import check_output_path, model_from_checkpoint
+    from .checkpoint import model_from_checkpoint, shipped_checkpoint_path
+    from .outputs import check_outputs, torch_save, write_file
     from .sampling import check_samples, ddim_sample, ddpm_sample
-    from .viz import save_grid
+    import matplotlib.pyplot as plt
+
+    from .viz import check_image_extension, grid_array
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -166,65 +374,92 @@ def _sample(args) -> None:
         raise ValueError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {args.eta}")
     if args.eta and not args.ddim_steps:
         raise ValueError(f"--eta {args.eta} applies to DDIM only: add --ddim-steps N (full DDPM has no eta)")
-    y = class_index(args.class_name) if args.class_name is not None else None
-    if y is None and args.guidance:
+    if args.guidance and args.class_name is None:
         raise ValueError("--guidance needs --class (the class to guide towards)")
     if not args.png and not args.tensor:
         args.png = "samples.png"
-    for path, example in ((args.png, "samples.png"), (args.tensor, "samples.pt")):
-        if path:
-            check_output_path(Path(path), overwrite=True, example=example)
-    if args.png:
-        from .viz import check_image_extension
-        check_image_extension(args.png)
     device = default_device()
-    model, schedule, _ = model_from_checkpoint(args.checkpoint, device=device)
+    checkpoint = args.checkpoint or shipped_checkpoint_path()
+    model, schedule, ckpt = model_from_checkpoint(checkpoint, device=device)
+    cfg = model.config
     if args.ddim_steps > schedule.T:
         raise ValueError(f"--ddim-steps must be at most the checkpoint's T = {schedule.T}, got {args.ddim_steps}")
-    if y is not None and not model.config.num_classes:
-        raise ValueError("this checkpoint has no class embedding (an unconditional model): drop --class, "
-                         "or train a conditional one with `python -m ddpm_tutorial train --conditional`")
+    y = class_index(args.class_name, checkpoint_classes(ckpt)) if args.class_name is not None else None
+    _check_memory(lambda n: _sampling_bytes(cfg, n * (2 if args.guidance else 1)), args.n, "--n",
+                  "sample at once", "a smaller network: even one image does not fit", device,
+                  hint=" (runs with different --seed give more images)")
+    pixels = args.n * cfg.in_channels * cfg.image_size ** 2
+    check_outputs({"--png": args.png, "--tensor": args.tensor}, inputs={"--checkpoint": checkpoint},
+                  force=args.force, examples={"--png": "samples.png", "--tensor": "samples.pt"},
+                  sizes={"--png": 4 * pixels, "--tensor": 4 * pixels})   # a PNG is at most 4 bytes a pixel
+    if args.png:
+        check_image_extension(args.png)
     if args.ddim_steps:
         result = ddim_sample(model, schedule, n=args.n, steps=args.ddim_steps, eta=args.eta, seed=args.seed,
                              y=y, guidance=args.guidance)
     else:
         result = ddpm_sample(model, schedule, n=args.n, seed=args.seed, y=y, guidance=args.guidance)
-    check_samples(result)
+    check_samples(result)                               # NaN or far outside [-1, 1]: nothing is written
+    left = "no file was written; free some space, or choose another path, and sample again (the same --seed " \
+           "gives the same images)"
     if args.png:
-        save_grid(result.images, args.png)          # grey or RGB, one image pixel = one PNG pixel
+        image = grid_array(result.images)         # grey or RGB, one image pixel = one PNG pixel
+        write_file(args.png, lambda f: plt.imsave(f, image, cmap="gray", vmin=0, vmax=1,
+                                                  format=Path(args.png).suffix[1:].lower()),
+                   need=4 * pixels, left=left)
         print(f"wrote {args.png}")
     if args.tensor:
-        torch.save(result.images, args.tensor)
+        torch_save(result.images, args.tensor, left=left)
         print(f"wrote {args.tensor}: tensor {tuple(result.images.shape)} in [-1, 1]")
 
 
-def class_index(name: str) -> int:
-    """A Fashion-MNIST class by index (0-9) or name, case-insensitive ("sneaker", "ankle boot", "t-shirt")."""
+def checkpoint_classes(ckpt: dict) -> tuple:
+    """A conditional checkpoint's class names, index = label: those it saved, else (written
+    before names were kept) Fashion-MNIST's when it has their number of classes, else none."""
     from .data import CLASSES
-    if name.strip().isdigit() and int(name) < len(CLASSES):
+    num_classes = ckpt["config"]["model"].get("num_classes", 0)
+    if ckpt.get("classes"):
+        return tuple(ckpt["classes"])
+    return CLASSES if num_classes == len(CLASSES) else ()
+
+
+def class_index(name: str, classes=None) -> int:
+    """A class by index or by name, case-insensitive ("sneaker", "ankle boot", "t-shirt"):
+    ``classes`` are the checkpoint's class names (default Fashion-MNIST's)."""
+    from .data import CLASSES
+    classes = CLASSES if classes is None else tuple(classes)
+    if not classes:
+        raise ValueError("this checkpoint has no class embedding (an unconditional model): drop --class, "
+                         "or train a conditional one with `python -m ddpm_tutorial train --conditional`")
+    if name.strip().isdigit() and int(name) < len(classes):
         return int(name)
     wanted = name.strip().lower().replace("_", " ")
-    for i, c in enumerate(CLASSES):
-        if wanted in (c.lower(), *c.lower().split("/")):
+    for i, c in enumerate(classes):
+        if wanted in (c.lower(), c.lower().replace("_", " "), *c.lower().split("/")):
             return i
-    raise ValueError(f"unknown class {name!r}; expected an index 0-{len(CLASSES) - 1} or one of: "
-                     + ", ".join(c.lower() for c in CLASSES))
+    listed = ", ".join(c.lower() for c in classes[:20]) + (", ..." if len(classes) > 20 else "")
+    raise ValueError(f"unknown class {name!r}; expected an index 0-{len(classes) - 1} or one of: {listed}")
 
+
+# --- export -----------------------------------------------------------------------------------
 
 def _export(args) -> None:
     """A small checkpoint for sampling only: EMA weights and configs, no optimiser state."""
-    from .checkpoint import check_output_path, export_for_sampling
-    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
-        raise ValueError(f"--out {args.out} is the --checkpoint itself: exporting over it would delete its "
-                         "optimiser state; choose another --out")
-    check_output_path(Path(args.out), overwrite=args.force,
-                      exists_hint="pass --force to overwrite it, or choose another --out")
+    from .checkpoint import export_for_sampling
+    from .outputs import check_outputs
+    check_outputs({"--out": args.out}, inputs={"--checkpoint": args.checkpoint}, force=args.force,
+                  examples={"--out": "model.pt"})
     path, size = export_for_sampling(args.checkpoint, args.out)
     print(f"wrote {path} ({size / 1e6:.2f} MB: EMA weights and configs, no optimiser state)")
 
 
+# --- the parser -------------------------------------------------------------------------------
+
 def _positive_or_zero(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
@@ -239,6 +474,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import export as onnx_export
     parser = _Parser(prog="python -m ddpm_tutorial", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -271,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=_positive_or_zero, default=2,
                    help="processes decoding images ahead when streaming --images (default 2)")
     t.add_argument("--precision", choices=("fp16", "bf16", "fp32"),
-                   help="autocast on CUDA (default: the preset's); the CPU always trains in fp32")
+                   help="autocast on CUDA (default: the preset's); on the CPU the preset's cpu_precision applies")
     t.set_defaults(func=_train)
 
     s = sub.add_parser("sample", help="sample images from a checkpoint")
@@ -282,10 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0: full DDPM (T steps); else DDIM with this many")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise, in [0, 1]")
     s.add_argument("--class", dest="class_name", default=None,
-                   help="class to generate, by name or index (a conditional checkpoint)")
+                   help="class to generate, by name or index (a conditional checkpoint knows its class names)")
     s.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale w >= 0")
     s.add_argument("--png", help="write an image grid here (.png, .jpg, .pdf, .svg)")
     s.add_argument("--tensor", help="write the (N, C, H, W) tensor in [-1, 1] here (torch.save)")
+    s.add_argument("--force", action="store_true", help="overwrite existing files at --png / --tensor")
     s.set_defaults(func=_sample)
 
     e = sub.add_parser("export", help="write a small sampling-only checkpoint (EMA weights + configs)")
@@ -294,27 +531,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="overwrite an existing file at --out")
     e.set_defaults(func=_export)
 
-    try:                              # the browser demo's exporter, where installed
-        from . import export as onnx_export
-        onnx_export.add_parser(sub)
-    except ImportError:
-        pass
+    onnx_export.add_parser(sub)        # export-onnx: the browser demo's network and schedule
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.signals = signals = _Signals()
+    signals.install()
     try:
         args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, RuntimeError, OSError, FloatingPointError, ZeroDivisionError) as err:
-        message = _one_line(err)
-        world = os.environ.get("WORLD_SIZE", "1")
-        if world not in ("", "1") and not message.startswith("rank "):   # under torchrun: say which process
-            message = f"rank {os.environ.get('RANK', '?')} of {world}: {message}"
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as err:
+        signals.ignore()
+        code = signals.exit_code(err)
+        print("terminated (SIGTERM)" if code == EXIT_TERMINATED else "interrupted", file=sys.stderr)
+        return code
+    except (ValueError, TypeError, RuntimeError, OSError, MemoryError, FloatingPointError,
+            ZeroDivisionError) as err:
+        print(f"error: {_where(_one_line(err))}", file=sys.stderr, flush=True)
         return 1
     except Exception as err:       # a bug of ours: still one line, the traceback on request
         if os.environ.get("DDPM_TRACEBACK"):
@@ -322,11 +556,29 @@ def main(argv=None) -> int:
         print(f"error: unexpected {type(err).__name__}: {_one_line(err)} (likely a bug; rerun with "
               "DDPM_TRACEBACK=1 to see the traceback, and please report it)", file=sys.stderr)
         return 1
+    finally:
+        signals.restore()
     return 0
 
 
+def _where(message: str) -> str:
+    """Under torchrun, say which process an error comes from (every rank prints its own)."""
+    from .distributed import env_int
+    try:
+        world = env_int("WORLD_SIZE", 1, lo=1)
+    except ValueError:                           # the bad variable is what the message is about
+        return message
+    if world > 1 and not message.startswith("rank "):
+        return f"rank {os.environ.get('RANK', '?')} of {world}: {message}"
+    return message
+
+
 def _one_line(err: BaseException) -> str:
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    if isinstance(err, OSError) and err.strerror and not err.filename:
+        text = err.strerror                # OSError(errno, message): the message alone, no "[Errno 28]"
+    else:
+        text = str(err)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(err).__name__
 
 
 if __name__ == "__main__":

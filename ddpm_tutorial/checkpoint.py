@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, read with ``weights_only=True``, able to rebuild their model.
+"""Checkpoints: written atomically, read with ``weights_only=True``, checked, able to rebuild their model.
 
 A checkpoint is a plain dict of tensors, numbers, strings and lists (nothing that
 needs pickle's arbitrary-code path):
@@ -10,20 +10,26 @@ needs pickle's arbitrary-code path):
     ema         state_dict of the EMA network (what sampling uses)
     optimizer   Adam state (absent from the small shipped checkpoint)
     history     {"loss": [...], "t_bucket_sum": [...], "t_bucket_count": [...]}
+    preset      name of the preset the run started from (absent from older checkpoints)
+    classes     a class-conditional model's class names, index = label (absent: unconditional,
+                or written before class names were kept)
+
+Reading checks everything before a network is built (:func:`check_checkpoint`): the config's
+types and ranges, the step, every weight finite and of the shape the config's network has.
+A tampered or damaged file is refused in one line naming it, never in the allocator.
 """
 from __future__ import annotations
 
-import glob
-import os
+import dataclasses
+import math
 import re
-import tempfile
-import time
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from .config import DiffusionConfig, ModelConfig, TrainConfig
+from .outputs import torch_save
 from .schedules import NoiseSchedule
 from .unet import UNet
 
@@ -40,68 +46,12 @@ def shipped_checkpoint_path(name: str = "ddpm_fashion_cpu.pt") -> Path:
     return Path(str(resources.files("ddpm_tutorial") / "assets" / name))
 
 
-# A save in progress writes its temporary file continuously and renames it within seconds, so
-# a temporary file of the same checkpoint untouched for this long was left by a killed save.
-STALE_TMP_SECONDS = 60
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete ``.<name>.*.tmp`` files that a save killed by ``kill -9`` or a power cut left beside ``path``."""
-    now = time.time()
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        try:
-            if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
-                tmp.unlink()
-        except OSError:          # gone already, or not ours to delete: leave it
-            pass
-
-
-def save_checkpoint(path, state: dict) -> Path:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed
-    to disk, then ``os.replace``. An interrupted save leaves the old file (or none), never half a
-    file; the temporary file of a save that was killed outright is removed by the next save."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    state = {"format": FORMAT, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def check_output_path(path, overwrite: bool = False, example: str = "model.pt",
-                      exists_hint: str | None = None) -> Path:
-    """Check, before any long work, that a file can be written at ``path``: not a folder, no
-    file in the way of its parent folders, the folder writable, and no existing file unless
-    ``overwrite``. Creates the parent folders. Raises ValueError / OSError saying what to do.
-    ``example`` is the file name suggested when ``path`` is a folder; ``exists_hint`` replaces
-    the advice given when the file exists (default: the ``train`` command's)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; give a file path such as {path / example}")
-    for parent in path.parents:
-        if parent.exists() and not parent.is_dir():
-            raise ValueError(f"cannot write {path}: {parent} is a file, not a folder")
-    if path.exists() and not overwrite:
-        hint = exists_hint or (f"pass --force to overwrite it, --resume {path} to continue training it, "
-                               "or choose another --out")
-        raise ValueError(f"{path} already exists; {hint}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe", delete=True)
-        probe.close()
-    except OSError as err:        # read-only folder or disk, no permission
-        raise OSError(f"cannot write {path}: {err.strerror or err} (in {path.parent}); "
-                      "choose a folder you can write to") from err
-    return path
+def save_checkpoint(path, state: dict, left: str | None = None) -> Path:
+    """Write ``state`` to ``path`` atomically (:func:`outputs.write_file`): a temporary file in
+    the same folder, flushed to disk, then ``os.replace``. An interrupted save leaves the old
+    file (or none), never half a file; the temporary file of a save that was killed outright is
+    removed by the next save. A full disk is one line (``left``: what it says is left)."""
+    return torch_save({"format": FORMAT, **state}, path, left=left)
 
 
 def export_for_sampling(src, dest) -> tuple[Path, int]:
@@ -148,15 +98,64 @@ def _load_failure(err: Exception) -> str:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a training checkpoint safely (:func:`load_checkpoint_dict`) and check its keys."""
+    """Read a training checkpoint safely (:func:`load_checkpoint_dict`) and check it
+    (:func:`check_checkpoint`) before anything is built from it."""
     ckpt = load_checkpoint_dict(path, map_location)
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
-        have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path} lacks the keys {REQUIRED_KEYS} of a ddpm_tutorial "
-                              f"checkpoint; it has {have}")
-    if ckpt["format"] != FORMAT:
-        raise CheckpointError(f"{path} has format {ckpt['format']!r}, expected {FORMAT!r}")
+    check_checkpoint(ckpt, path)
     return ckpt
+
+
+# Largest step count a checkpoint may claim: far beyond any run of this book (the paper's
+# CIFAR-10 model trained 800k steps), small enough that a corrupt number is caught.
+MAX_STEP = 10 ** 9           # (the message below writes it 1e9)
+
+
+def check_checkpoint(ckpt: dict, path="checkpoint") -> None:
+    """Raise CheckpointError, naming ``path``, unless ``ckpt`` holds every key of a checkpoint,
+    a config that fits this version's dataclasses (types and ranges), an integer step in
+    [0, MAX_STEP], class names matching the class embedding, and finite weights of exactly the
+    shapes the config's network has. The network is built on PyTorch's "meta" device for the
+    comparison, which allocates nothing: a config that asks for a huge network is refused here."""
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} lacks the keys {REQUIRED_KEYS} of a ddpm_tutorial "
+                              f"checkpoint; it has {sorted(ckpt)}")
+    step = ckpt["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise CheckpointError(f"{path} is damaged: its step must be an integer in [0, 1e9], got {step!r}")
+    model_cfg, diffusion_cfg, _ = configs_from_checkpoint(ckpt, path)
+    preset = ckpt.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise CheckpointError(f"{path} is damaged: its preset name must be a string, got {preset!r}")
+    classes = ckpt.get("classes")
+    if classes is not None and (not isinstance(classes, (list, tuple)) or len(classes) != model_cfg.num_classes
+                                or not all(isinstance(c, str) and c for c in classes)):
+        raise CheckpointError(f"{path} is damaged: its class names must be {model_cfg.num_classes} non-empty "
+                              f"strings (num_classes), got {classes!r}"[:300])
+    with torch.device("meta"):             # shapes only: no memory, no initialisation
+        expected = UNet(model_cfg, T=diffusion_cfg.T).state_dict()
+    for key in ("ema", "model"):
+        if key in ckpt:
+            _check_weights(ckpt[key], expected, key, path, model_cfg)
+
+
+def _check_weights(weights, expected: dict, key: str, path, model_cfg: ModelConfig) -> None:
+    """The ``key`` weights: a name -> tensor dict of ``expected``'s names and shapes, all finite."""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path} is damaged: its {key} weights are not a state_dict of tensors")
+    extra, lacking = sorted(set(weights) - set(expected)), sorted(set(expected) - set(weights))
+    wrong = [(k, tuple(weights[k].shape), tuple(v.shape)) for k, v in expected.items()
+             if k in weights and weights[k].shape != v.shape]
+    if extra or lacking or wrong:
+        what = (f"{wrong[0][0]} has shape {wrong[0][1]}, the config's network {wrong[0][2]}" if wrong else
+                f"missing {lacking[:3]}" if lacking else f"unexpected {extra[:3]}")
+        raise CheckpointError(f"{path} is damaged or tampered with: its {key} weights do not fit the network its "
+                              f"own config describes ({what}; base_channels={model_cfg.base_channels}, "
+                              f"channel_mults={model_cfg.channel_mults})")
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path} holds NaN or inf weights ({key} {name}): the run diverged or the file "
+                                  "is damaged; use an earlier checkpoint, or retrain with a smaller --lr")
 
 
 # TrainConfig fields of the first edition that no preset turned on (bf16 autocast on the CPU,
@@ -164,14 +163,50 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 RETIRED_TRAIN_FIELDS = ("bf16", "channels_last")
 
 
-def configs_from_checkpoint(ckpt: dict) -> tuple[ModelConfig, DiffusionConfig, TrainConfig]:
-    """The (model, diffusion, train) configs a checkpoint was trained with."""
+def configs_from_checkpoint(ckpt: dict, path="checkpoint") -> tuple[ModelConfig, DiffusionConfig, TrainConfig]:
+    """The (model, diffusion, train) configs a checkpoint was trained with, each field checked
+    for its type before the dataclass checks its range (a string, a bool for an int, a NaN)."""
     cfg = ckpt["config"]
     try:
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or \
+                not isinstance(cfg.get("diffusion"), dict) or not isinstance(cfg.get("train", {}), dict):
+            raise TypeError(f"config must hold the dicts 'model', 'diffusion' and 'train', got {cfg!r}"[:200])
         train = {k: v for k, v in cfg.get("train", {}).items() if k not in RETIRED_TRAIN_FIELDS}
-        return ModelConfig(**cfg["model"]), DiffusionConfig(**cfg["diffusion"]), TrainConfig(**train)
+        return tuple(cls(**_typed(cls, fields)) for cls, fields in
+                     ((ModelConfig, cfg["model"]), (DiffusionConfig, cfg["diffusion"]), (TrainConfig, train)))
     except (TypeError, KeyError, ValueError) as err:
-        raise CheckpointError(f"checkpoint config does not fit this version's dataclasses: {err}") from err
+        raise CheckpointError(f"{path}: its config does not fit this version's dataclasses: {err}") from err
+
+
+def _typed(cls, fields: dict) -> dict:
+    """``fields`` after checking each known one has its default's type (int, float, bool, str,
+    tuple of ints); unknown names are left for the dataclass to refuse."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for name, value in fields.items():
+        if name not in defaults:
+            continue
+        default = defaults[name]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif isinstance(default, str):
+            ok = isinstance(value, str) or (value is None and name == "skip")   # the first edition wrote None
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in value)
+        else:
+            ok = True
+        if not ok:
+            raise TypeError(f"{cls.__name__}.{name} must be {_type_name(default)}, got {value!r}"[:200])
+    return fields
+
+
+def _type_name(default) -> str:
+    return {bool: "True or False", int: "an integer", float: "a finite number", str: "a string",
+            tuple: "a list of integers"}.get(type(default), type(default).__name__)
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, what: str = "model") -> None:
@@ -193,8 +228,11 @@ def model_from_checkpoint(path_or_ckpt=None, use_ema: bool = True, device="cpu")
     ``None`` loads the checkpoint shipped with the package. ``use_ema`` picks the EMA
     weights, which give better samples than the raw weights of the last step.
     """
-    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else \
-        load_checkpoint(path_or_ckpt or shipped_checkpoint_path())
+    if isinstance(path_or_ckpt, dict):
+        ckpt = path_or_ckpt
+        check_checkpoint(ckpt)
+    else:
+        ckpt = load_checkpoint(path_or_ckpt or shipped_checkpoint_path())
     model_cfg, diffusion_cfg, _ = configs_from_checkpoint(ckpt)
     model = UNet(model_cfg, T=diffusion_cfg.T)
     key = "ema" if use_ema or "model" not in ckpt else "model"

@@ -47,20 +47,54 @@ class Context:
     backend: str | None = None
 
 
-def _env_int(name: str, default: int) -> int:
+# How long a process started by hand (WORLD_SIZE set without torchrun) waits for the others
+# to join before it stops with a message; DDPM_JOIN_TIMEOUT (seconds) changes it. torchrun
+# starts every process itself, so its jobs never wait for one that does not exist.
+JOIN_TIMEOUT_SECONDS = 300
+
+
+def env_int(name: str, default: int, lo: int = 0, hi: int | None = None) -> int:
+    """An integer environment variable in [lo, hi], ``default`` when unset or empty; a
+    ValueError naming the variable otherwise (torchrun sets them; a hand-set one may be anything)."""
     value = os.environ.get(name, "")
     try:
-        return int(value) if value.strip() else default
+        number = int(value) if value.strip() else default
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer (torchrun sets it)") from None
+        raise ValueError(f"environment variable {name}={value!r} must be an integer (torchrun sets it); "
+                         f"unset it to train in one process") from None
+    if number < lo or (hi is not None and number > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"environment variable {name}={value!r} must be an integer {bound} (torchrun sets it)")
+    return number
 
 
-def init(device=None) -> Context:
+def world_size_from_env() -> int:
+    """WORLD_SIZE as torchrun sets it (1 when unset), checked: before a process group exists."""
+    return env_int("WORLD_SIZE", 1, lo=1)
+
+
+def _join_timeout() -> datetime.timedelta:
+    value = os.environ.get("DDPM_JOIN_TIMEOUT", "")
+    try:
+        seconds = float(value) if value.strip() else JOIN_TIMEOUT_SECONDS
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"environment variable DDPM_JOIN_TIMEOUT={value!r} must be a number of seconds > 0")
+    return datetime.timedelta(seconds=seconds)
+
+
+def init(device=None, log=None) -> Context:
     """Join the job torchrun started, or return the one-process context when there is none.
 
     ``device``: None picks CUDA device ``LOCAL_RANK`` when CUDA is available, else the CPU.
-    Calling it again in a process that already joined returns the same context."""
-    world, rank, local = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    Every variable read is checked first (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+    Processes started by hand, without torchrun, meet at MASTER_ADDR:MASTER_PORT and wait at
+    most DDPM_JOIN_TIMEOUT seconds for each other (``log`` says so once), then stop with a
+    message instead of hanging. Calling it again in a process that already joined returns the
+    same context."""
+    world = world_size_from_env()
+    rank, local = env_int("RANK", 0), env_int("LOCAL_RANK", 0)
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} must lie in [0, WORLD_SIZE={world}); start the job with torchrun")
     if device is None:
@@ -74,12 +108,58 @@ def init(device=None) -> Context:
         torch.cuda.set_device(device)                 # before NCCL: each process owns one GPU
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k, "").strip()]
         if missing:
             raise ValueError(f"WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                              "not set: start the job with torchrun (it sets them), not by hand")
-        dist.init_process_group(backend, timeout=TIMEOUT)   # reads RANK, WORLD_SIZE, MASTER_* (env://)
+        port = env_int("MASTER_PORT", 0, lo=1, hi=65535)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":     # torchrun: its agent holds the store
+            dist.init_process_group(backend, timeout=TIMEOUT)   # reads RANK, WORLD_SIZE, MASTER_* (env://)
+        else:
+            dist.init_process_group(backend, store=_join_by_hand(rank, world, port, log), rank=rank,
+                                    world_size=world, timeout=TIMEOUT)
     return Context(rank, world, local, device, dist.get_backend())
+
+
+def _join_by_hand(rank: int, world: int, port: int, log) -> dist.TCPStore:
+    """The rendezvous of processes started by hand: rank 0 serves a TCPStore at MASTER_ADDR:MASTER_PORT
+    and waits for the other WORLD_SIZE - 1; each of them connects to it. Both give up after the
+    join timeout with one line saying what to do."""
+    addr, timeout = os.environ["MASTER_ADDR"].strip(), _join_timeout()
+    seconds = timeout.total_seconds()
+    if log:
+        log(f"rank {rank} of {world}: waiting up to {seconds:.0f} s for the other processes at {addr}:{port} "
+            "(started without torchrun; DDPM_JOIN_TIMEOUT sets the wait)")
+    try:
+        with _quiet_stderr():          # c10d prints its connection retries, with C++ stack frames
+            return dist.TCPStore(addr, port, world, rank == 0, timeout, wait_for_workers=True)
+    except (RuntimeError, OSError) as err:       # DistStoreError, DistNetworkError, address in use
+        text = " ".join(str(err).split())
+        if "in use" in text.lower():
+            raise PeerFailure(f"MASTER_PORT={port} is already in use on {addr}: choose another port") from None
+        what = (f"the other {world - 1} process(es) did not join within {seconds:.0f} s" if rank == 0 else
+                f"rank 0 did not answer at {addr}:{port} within {seconds:.0f} s")
+        raise PeerFailure(f"{what} (WORLD_SIZE={world}, RANK={rank} set by hand, without torchrun): start every "
+                          "process, or use torchrun, which starts them all; unset WORLD_SIZE to train in one "
+                          f"process ({text[:160]})") from None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 to /dev/null inside the block (C++ logging writes there directly)."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def world_size() -> int:
@@ -114,7 +194,7 @@ def local_main_first():
     if not dist.is_initialized():
         yield
         return
-    local = _env_int("LOCAL_RANK", 0)
+    local = env_int("LOCAL_RANK", 0)
     if local != 0:
         dist.barrier()
     yield

@@ -46,11 +46,12 @@ def find_images(root) -> list:
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def _open_header(path: Path) -> str:
-    """The PIL mode of ``path``, reading only its header (fast); raises on a file PIL cannot read."""
+def _open_header(path: Path) -> tuple:
+    """(PIL mode, (width, height)) of ``path``, reading only its header (fast); raises on a file
+    PIL cannot read."""
     from PIL import Image
     with Image.open(path) as im:
-        return im.mode
+        return im.mode, im.size
 
 
 def load_image(path, image_size: int, channels: int) -> torch.Tensor:
@@ -72,7 +73,9 @@ class ImageFolder(torch.utils.data.Dataset):
     ``channels``: 1 (grey) or 3 (RGB); None picks 3 when any image is colour, else 1.
     ``labels``: (N,) int64 class indices in the ImageFolder layout, else None.
     ``skipped``: [(path, reason)] of the files that could not be read (left out).
-    Scanning reads each file's header only; pixels are decoded in :meth:`__getitem__`."""
+    ``colour``: whether any image is colour (a grey folder read with channels=3 is not).
+    Scanning reads each file's header only; pixels are decoded in :meth:`__getitem__`.
+    Images scaled up more than 2x, or grey ones made RGB, are said (``log``), not done silently."""
 
     def __init__(self, root, image_size: int = 32, channels: int | None = None, log=print):
         if channels not in (None, 1, 3):
@@ -84,10 +87,10 @@ class ImageFolder(torch.utils.data.Dataset):
         if not candidates:
             raise ImageFolderError(f"the image folder {self.root} holds no .png / .jpg / .jpeg images "
                                    "(searched every subfolder); put your images there")
-        self.paths, modes, self.skipped = [], [], []
+        self.paths, modes, sizes, self.skipped = [], [], [], []
         for path in candidates:
             try:
-                mode = _open_header(path)
+                mode, size = _open_header(path)
                 if mode in ("I", "F"):
                     raise ValueError(f"32-bit {'integer' if mode == 'I' else 'float'} pixels are not supported")
             except Exception as err:                 # PIL raises many kinds: UnidentifiedImageError, OSError, ...
@@ -95,6 +98,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 continue
             self.paths.append(path)
             modes.append(mode)
+            sizes.append(size)
         if self.skipped:
             log(f"skipped {len(self.skipped)} of {len(candidates)} files in {self.root} that are not readable "
                 f"images (first: {self.skipped[0][0]}: {self.skipped[0][1]})")
@@ -109,6 +113,16 @@ class ImageFolder(torch.utils.data.Dataset):
                 f"the image folder {self.root} mixes {len(grey)} greyscale images (first: {grey[0]}) with "
                 f"{len(colour)} colour ones (first: {colour[0]}); a colour model would learn grey as a kind of "
                 "image. Convert the grey ones to RGB (or remove them), or train a grey model with --channels 1")
+        self.colour = bool(colour)
+        if self.channels == 3 and not colour:
+            log(f"all {len(grey)} images in {self.root} are greyscale: each is made RGB (three equal channels) "
+                "for a colour model")
+        small = [(p, s) for p, s in zip(self.paths, sizes) if 2 * min(s) < image_size]
+        if small:
+            p, s = min(small, key=lambda item: min(item[1]))
+            log(f"{len(small)} of {len(self.paths)} images are less than half of {image_size} px on their shorter "
+                f"side and are scaled up (the smallest, {p}, {s[0]}x{s[1]}, {image_size / min(s):.0f}x): they will "
+                "look blurred; choose a smaller --image-size, or larger images")
         self.classes, self.labels = self._classes()
 
     def _classes(self):
@@ -137,11 +151,16 @@ class ImageFolder(torch.utils.data.Dataset):
             return load_image(self.paths[i], self.image_size, self.channels)
         except Exception as err:
             raise ImageFolderError(f"image {self.paths[i]} could not be decoded ({type(err).__name__}: {err}); "
-                                   "delete it and resume training (--resume)") from err
+                                   "delete it or replace it with a good copy") from err
 
     def to_tensor(self, workers: int = 0, log=print) -> torch.Tensor:
         """Decode every image into one (N, C, S, S) tensor, ``workers`` processes decoding in
         parallel. Files that fail to decode are left out (counted, like those the scan skipped)."""
+        batches = math.ceil(len(self) / 256)
+        if workers > batches:               # a worker decodes whole batches: more would wait idle
+            log(f"{len(self)} images make {batches} batch{'es' if batches > 1 else ''} of 256 to decode: "
+                f"{batches} of the {workers} --workers are used")
+            workers = batches
         loader = torch.utils.data.DataLoader(_Tolerant(self), batch_size=256, num_workers=workers)
         images, ok = [], []
         for x, good in loader:
@@ -186,7 +205,12 @@ def load_image_folder(root, image_size: int = 32, channels: int | None = None, i
     None: when its float32 tensor takes at most IN_MEMORY_BYTES), else the :class:`ImageFolder`
     itself, which the trainer streams through a DataLoader with ``workers`` processes.
     ``labels``: (N,) class indices in the ImageFolder layout, else None."""
-    folder = ImageFolder(root, image_size, channels, log=log)
+    return folder_data(ImageFolder(root, image_size, channels, log=log), in_memory, workers, log)
+
+
+def folder_data(folder: ImageFolder, in_memory: bool | None = None, workers: int = 0, log=print):
+    """``(data, labels)`` of a scanned :class:`ImageFolder`, as :func:`load_image_folder` returns them."""
+    image_size = folder.image_size
     if in_memory is None:
         in_memory = folder.nbytes() <= IN_MEMORY_BYTES
     kind = "RGB" if folder.channels == 3 else "grey"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ddpm_tutorial.checkpoint as checkpoint
-from ddpm_tutorial.checkpoint import (RETIRED_TRAIN_FIELDS, CheckpointError, chapter_model, check_output_path,
+from ddpm_tutorial.checkpoint import (RETIRED_TRAIN_FIELDS, CheckpointError, chapter_model,
                                       configs_from_checkpoint, export_for_sampling, load_checkpoint,
                                       load_checkpoint_dict, load_weights, model_from_checkpoint,
                                       reader_checkpoint_path, save_checkpoint, shipped_checkpoint_path)
@@ -108,7 +108,7 @@ def test_atomic_write_survives_interruption(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     assert path.read_bytes() == before
-    assert load_checkpoint(path)["step"] == 1
+    assert load_checkpoint_dict(path)["step"] == 1
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]          # no temporary file, no half-written new.pt
 
 
@@ -198,36 +198,6 @@ def test_shipped_checkpoint_rebuilds_its_model():
     assert shipped_checkpoint_path().stat().st_size < 5 * 1024 ** 2
 
 
-# --- writing: check the path before the long work -----------------------------------------------
-
-def test_check_output_path(tmp_path):
-    out = check_output_path(tmp_path / "new" / "deeper" / "model.pt")
-    assert out == tmp_path / "new" / "deeper" / "model.pt" and out.parent.is_dir() and not out.exists()
-    assert os.listdir(out.parent) == []                            # the write probe left nothing
-    with pytest.raises(ValueError, match=r"is a folder; give a file path such as .*model.pt"):
-        check_output_path(tmp_path)
-    (tmp_path / "afile").write_text("x")
-    with pytest.raises(ValueError, match=r"cannot write .*afile/model.pt: .*afile is a file, not a folder"):
-        check_output_path(tmp_path / "afile" / "model.pt")
-    existing = tmp_path / "old.pt"
-    existing.write_bytes(b"keep me")
-    with pytest.raises(ValueError, match="already exists; pass --force to overwrite it, --resume"):
-        check_output_path(existing)
-    assert check_output_path(existing, overwrite=True) == existing and existing.read_bytes() == b"keep me"
-
-
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write into read-only folders")
-def test_check_output_path_unwritable_folder(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        with pytest.raises(OSError):
-            check_output_path(locked / "model.pt")
-    finally:
-        locked.chmod(0o700)
-
-
 # --- export for sampling ------------------------------------------------------------------------
 
 def test_export_for_sampling_round_trip(trained, tmp_path):
@@ -286,3 +256,65 @@ def test_chapter_model_prefers_the_readers_checkpoint(tmp_path, monkeypatch):
     assert source.startswith(f"your chapter-04 checkpoint {reader_checkpoint_path('quick')} (2 steps, preset 'quick')")
     # another preset's reader checkpoint does not count
     assert "shipped" in chapter_model("cpu")[3]
+
+
+# --- a damaged or tampered checkpoint is refused at load, naming the file, before any network is built ----
+
+def _nan_first(weights: dict, value=float("nan")) -> dict:
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    return {**weights, name: torch.full_like(weights[name], value)}
+
+
+TAMPERED = {
+    "step -1": (lambda c: c.update(step=-1), r"its step must be an integer in \[0, 1e9\], got -1"),
+    "step text": (lambda c: c.update(step="5"), r"its step must be an integer .* got '5'"),
+    "step bool": (lambda c: c.update(step=True), r"its step must be an integer .* got True"),
+    "huge network": (lambda c: c["config"]["model"].update(base_channels=40000),
+                     r"ema weights do not fit the network its own config describes \(time_embed.mlp.0.weight has "
+                     r"shape \(32, 8\), the config's network \(160000, 40000\); base_channels=40000"),
+    "size as text": (lambda c: c["config"]["model"].update(image_size="8"),
+                     r"ModelConfig.image_size must be an integer, got '8'"),
+    "size as bool": (lambda c: c["config"]["model"].update(image_size=True),
+                     r"ModelConfig.image_size must be an integer, got True"),
+    "mults as text": (lambda c: c["config"]["model"].update(channel_mults=["1", 2]),
+                      r"ModelConfig.channel_mults must be a list of integers"),
+    "T fraction": (lambda c: c["config"]["diffusion"].update(T=2.5), r"DiffusionConfig.T must be an integer, got 2.5"),
+    "lr nan": (lambda c: c["config"]["train"].update(lr=float("nan")), r"TrainConfig.lr must be a finite number, got nan"),
+    "range": (lambda c: c["config"]["model"].update(dropout=3.0), r"dropout must be in \[0, 1\), got 3.0"),
+    "config list": (lambda c: c.update(config=[1]), r"config must hold the dicts 'model', 'diffusion' and 'train'"),
+    "nan ema": (lambda c: c.update(ema=_nan_first(c["ema"])), r"holds NaN or inf weights \(ema time_embed"),
+    "inf model": (lambda c: c.update(model=_nan_first(c["model"], float("inf"))), r"holds NaN or inf weights \(model"),
+    "missing weight": (lambda c: c["ema"].pop("conv_out.bias"), r"ema weights do not fit .*\(missing \['conv_out.bias'\]"),
+    "numbers": (lambda c: c["ema"].update({"conv_out.bias": 1.0}), r"its ema weights are not a state_dict of tensors"),
+    "classes": (lambda c: c.update(classes=["a", "b"]), r"class names must be 0 non-empty strings"),
+    "preset": (lambda c: c.update(preset=5), r"its preset name must be a string, got 5"),
+}
+
+
+@pytest.mark.parametrize("name", list(TAMPERED))
+def test_damaged_checkpoints_are_refused_at_load(trained, tmp_path, name):
+    import time
+    _, path = trained
+    change, message = TAMPERED[name]
+    ckpt = load_checkpoint(path)
+    change(ckpt)
+    bad = save_checkpoint(tmp_path / "bad.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(bad)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+    assert time.perf_counter() - start < 5                 # refused before anything large is allocated
+    with pytest.raises(CheckpointError, match=message):
+        model_from_checkpoint(ckpt)                        # a dict is checked the same way
+
+
+def test_preset_name_and_class_names_are_saved(trained, tmp_path):
+    from ddpm_tutorial.train import build_trainer
+    from ddpm_tutorial.config import get_preset
+    preset = dataclasses.replace(get_preset("quick"), model=dataclasses.replace(CFG, num_classes=2),
+                                 diffusion=DIFF, train=TRAIN)
+    trainer = build_trainer(preset, DATA, device="cpu", labels=torch.arange(24) % 2)
+    trainer.meta["classes"] = ["cats", "dogs"]
+    trainer.fit(steps=1, progress=False, checkpoint_path=tmp_path / "c.pt")
+    ckpt = load_checkpoint(tmp_path / "c.pt")
+    assert ckpt["preset"] == "quick" and ckpt["classes"] == ["cats", "dogs"]

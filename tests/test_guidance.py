@@ -259,7 +259,8 @@ def test_bad_class_requests_are_refused(cond, tiny_config):
 
 
 @pytest.mark.parametrize("argv, message", [
-    ("--class robot", "error: unknown class 'robot'; expected an index 0-9 or one of: t-shirt/top, trouser"),
+    (f"--class robot --checkpoint {shipped_checkpoint_path('ddpm_fashion_cpu_cond.pt')}",     # names: Fashion-MNIST's
+     "error: unknown class 'robot'; expected an index 0-9 or one of: t-shirt/top, trouser"),
     ("--class sneaker", "error: this checkpoint has no class embedding (an unconditional model)"),
     ("--class 7 --guidance 2", "error: this checkpoint has no class embedding (an unconditional model)"),
     ("--guidance 2", "error: --guidance needs --class"),

@@ -121,7 +121,7 @@ def test_a_truncated_file_is_skipped_in_memory_and_named_when_streamed(tmp_path)
     lines = []
     folder = ImageFolder(tmp_path / "imgs", 8, log=log_into(lines))
     assert len(folder) == 4 and not lines                                   # the header scan cannot tell
-    with pytest.raises(ImageFolderError, match=r"image .*001\.png could not be decoded .*delete it and resume"):
+    with pytest.raises(ImageFolderError, match=r"image .*001\.png could not be decoded .*delete it or replace it"):
         folder[1]
     data = folder.to_tensor(log=log_into(lines))
     assert data.shape == (3, 3, 8, 8) and len(folder) == 3
@@ -233,7 +233,7 @@ def test_cli_trains_on_a_folder_and_samples_an_rgb_png(tmp_path, monkeypatch, ca
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--image-size", "32"], "--image-size apply to your own images: add --images DIR"),
+    (["--image-size", "32"], "--image-size applies to your own images: add --images DIR"),
     (["--images", "{d}/nowhere"], "--images {d}/nowhere: does not exist; give a folder of .png / .jpg images"),
     (["--images", "{d}", "--data", "{d}"], "--images (your own folder) and --data (Fashion-MNIST files) exclude"),
     (["--images", "{d}", "--image-size", "4"], "--image-size must be at least 8 pixels"),

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from ddpm_tutorial import metrics
-from ddpm_tutorial.checkpoint import STALE_TMP_SECONDS, load_checkpoint, save_checkpoint
+from ddpm_tutorial.checkpoint import load_checkpoint, save_checkpoint
 from ddpm_tutorial.config import get_preset
 from ddpm_tutorial.data import IDX_FILES
+from ddpm_tutorial.outputs import STALE_TMP_SECONDS
 from ddpm_tutorial.train import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,8 @@ def work(tmp_path_factory):
 # name: (command line, extra environment, exit code, text of the one error line, files that must not appear)
 REFUSALS = {
     "out is a folder": (["train", "--out", "folder", "--steps", "2", "--subset", "64"], {}, 1,
-                        "error: folder is a folder; give a file path such as folder/model.pt", ["folder/model.pt"]),
+                        "error: --out folder is a folder; give a file path such as folder/model.pt",
+                        ["folder/model.pt"]),
     "out under a file": (["train", "--out", "afile/x.pt", "--steps", "2", "--subset", "64"], {}, 1,
                          "error: cannot write afile/x.pt: afile is a file, not a folder", []),
     "steps 0": (["train", "--steps", "0", "--out", "s0.pt"], {}, 1, "error: steps must be >= 1, got 0", ["s0.pt"]),
@@ -134,7 +136,7 @@ def test_nan_weights_exit_1_and_write_nothing(work):
     proc = cli(["sample", "--checkpoint", "nan.pt", "--n", "2", "--ddim-steps", "2", "--png", "nan.png",
                 "--tensor", "nan_t.pt"], work, cli_env(work / "cache"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: sampling produced NaN or inf values")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: nan.pt holds NaN or inf weights (ema ")
     assert not (work / "nan.png").exists() and not (work / "nan_t.pt").exists()
 
 
@@ -177,7 +179,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_resume_continues(work, tmp_path
 
     resumed = cli(["train", "--resume", out, "--steps", step + 2, "--data", work / "data"], tmp_path, env)
     assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
-    assert f"resumed at step {step}" in resumed.stdout
+    assert f"(resumed from {out} at step {step})" in resumed.stdout
     after = load_checkpoint(out)
     assert after["step"] == step + 2 and after["history"]["loss"][:step] == ckpt["history"]["loss"]
 
