@@ -229,3 +229,22 @@ def test_bad_arguments_are_refused():
         lk.estimate_bound(model, s, x0 * 0.999)
     with pytest.raises(ValueError, match="beta_tilde"):
         lk.estimate_bound(model, s, x0, variances=("sigma",))
+
+
+def test_kl_terms_are_eq_12_with_the_package_bound_weight():
+    """For t >= 2, L_{t-1} = C_t + w_t ||eps - eps_theta||^2 (Eq. 12, summed over the values), with w_t from
+    diffusion.bound_weight at the same sigma_t^2 and C_t the KL between the two variances alone."""
+    T = 30
+    s = make_schedule(T=T, beta_end=0.1)
+    model, x0 = Wobbly(T), grid_images(6, size=4, seed=16)
+    t = torch.arange(1, 7) * 4                                  # code indices >= 1
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(17))
+    terms = lk.bound_terms(model, s, x0, t, eps)
+    with torch.no_grad():
+        err = (eps - model(diffusion.q_sample(s, x0, t, eps), t)).double().square().sum(dim=(1, 2, 3))
+    bt = s.beta_tilde.double()[t]
+    for kind in lk.VARIANCES:
+        sigma2 = lk.reverse_variance(s, kind)
+        C = x0[0].numel() / 2 * (torch.log(sigma2[t] / bt) + bt / sigma2[t] - 1)
+        w = diffusion.bound_weight(s, sigma2)[t]
+        torch.testing.assert_close(terms[kind], C + w * err, rtol=1e-4, atol=1e-6)
