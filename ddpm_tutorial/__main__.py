@@ -256,6 +256,7 @@ def _train(args) -> None:
 
 def _fit(trainer, args, out: Path, say, resumed_here: bool) -> None:
     """Train, and on Ctrl-C / SIGTERM / a full disk say exactly what was kept and how to resume."""
+    from .image_folder import ImageFolderError
     from .outputs import DiskFullError
     start = trainer.step
     saved = [start] if resumed_here else []              # steps the file at `out` is known to hold
@@ -276,9 +277,13 @@ def _fit(trainer, args, out: Path, say, resumed_here: bool) -> None:
             say(f"resume with: {resume}", file=sys.stderr)
         raise
     except DiskFullError as err:
-        kept = (f"free some space, then resume with: {resume}" if out.exists() else
+        kept = (f"free some space, then resume with: {resume}" if saved else
                 "nothing was saved in this run: free some space and run the command again")
         raise DiskFullError(f"{err}; {kept}") from err
+    except ImageFolderError as err:     # an image that fails to decode while streaming (--stream)
+        last = [line for line in str(err).splitlines() if line.strip()][-1]   # a loader worker's: its last line
+        kept = f"then resume with: {resume}" if saved else "nothing was saved in this run: then run the command again"
+        raise ImageFolderError(f"{last.split('ImageFolderError: ')[-1]}; {kept}") from None
     say(f"done: {trainer.step} steps, final loss {trainer.history.loss[-1]:.4f}, "
         f"{trainer.history.seconds:.0f} s this run; checkpoint {out}")
 

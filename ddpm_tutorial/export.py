@@ -26,6 +26,7 @@ Needs the ``onnx`` package (the ``book`` extra), which torch's ONNX exporter imp
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import warnings
 from pathlib import Path
@@ -34,11 +35,15 @@ import torch
 
 from .checkpoint import model_from_checkpoint, shipped_checkpoint_path
 from .data import CLASSES
+from .outputs import check_outputs, write_file
 from .sampling import ddim_timesteps
 
 SCHEDULE_FORMAT = "ddpm_tutorial/schedule/1"
 STEPS_RANGE = (10, 100)   # DDIM step counts the page offers (its slider's range)
 OPSET = 20                # onnxruntime-web >= 1.17 runs opset 20
+# Opsets this network exports to: attention's scaled_dot_product needs 14; 20 is the newest
+# torch's TorchScript exporter writes and onnxruntime-web 1.17 runs.
+OPSET_RANGE = (14, 20)
 # What the book's "Try it" page runs: chapter 7's class-conditional network (its null class is
 # the unconditional model), so the reader can ask for a class and set the guidance w.
 DEMO_CHECKPOINT = "ddpm_fashion_cpu_cond.pt"
@@ -58,8 +63,7 @@ def export_onnx(model: torch.nn.Module, path, opset: int = OPSET) -> Path:
     The example labels are one real class and the null class, so both rows of the class
     table are looked up while tracing (the lookup is one Gather either way).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_opset(opset)
     cfg = model.config
     x = torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size)   # (B, C, H, W)
     t = torch.tensor([0, 1], dtype=torch.long)                            # (B,)
@@ -67,12 +71,20 @@ def export_onnx(model: torch.nn.Module, path, opset: int = OPSET) -> Path:
     if cfg.num_classes:
         inputs, names = (x, t, torch.tensor([0, cfg.num_classes], dtype=torch.long)), names + ["y"]
     model = model.cpu().eval()
+    graph = io.BytesIO()             # traced in memory: the file is written whole, or not at all
     with warnings.catch_warnings():  # the tracer's deprecation note and its notes on the checks
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, inputs, str(path), input_names=names, output_names=["eps"],
+        torch.onnx.export(model, inputs, graph, input_names=names, output_names=["eps"],
                           dynamic_axes={name: {0: "batch"} for name in names + ["eps"]},
                           opset_version=opset, dynamo=False)
-    return path
+    return write_file(path, lambda f: f.write(graph.getvalue()), need=graph.tell())
+
+
+def check_opset(opset) -> None:
+    lo, hi = OPSET_RANGE
+    if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
+        raise ValueError(f"--opset must be an integer in [{lo}, {hi}] (attention needs {lo}; the page's "
+                         f"onnxruntime-web runs up to {hi}), got {opset!r}; the default is {OPSET}")
 
 
 def class_info(model_config, class_names=None) -> dict:
@@ -127,14 +139,16 @@ def export_files(model_path, json_path, checkpoint=None, opset: int = OPSET, cla
     ckpt_path = Path(checkpoint) if checkpoint else shipped_checkpoint_path()
     model, schedule, ckpt = model_from_checkpoint(ckpt_path)
     classes = class_info(model.config, class_names)      # checked before the export's seconds
-    export_onnx(model, model_path, opset=opset)
-    info = {**schedule_coefficients(schedule), **classes, "checkpoint": ckpt_path.name,
-            "checkpoint_sha256": file_sha256(ckpt_path), "checkpoint_step": int(ckpt.get("step", 0)),
+    info = {**schedule_coefficients(schedule), **classes, "checkpoint": ckpt_path.name,   # refuses v before
+            "checkpoint_sha256": file_sha256(ckpt_path), "checkpoint_step": int(ckpt.get("step", 0)),  # writing
             "image_size": model.config.image_size, "in_channels": model.config.in_channels}
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(info, separators=(",", ":")))
+    export_onnx(model, model_path, opset=opset)
+    _write_json(json_path, info)
     return info
+
+
+def _write_json(path, info: dict) -> None:
+    write_file(path, lambda f: f.write(json.dumps(info, separators=(",", ":")).encode()))
 
 
 def export_key(checkpoint=None) -> str:
@@ -163,13 +177,17 @@ def export_demo(out_dir, checkpoint=None, force: bool = False) -> dict:
             return old
     info = export_files(model_path, json_path, checkpoint)
     info["export_key"] = key
-    json_path.write_text(json.dumps(info, separators=(",", ":")))
+    _write_json(json_path, info)
     return info
 
 
 def _export_cli(args) -> None:
     out = Path(args.out)
     json_path = Path(args.schedule_json) if args.schedule_json else out.with_name("schedule.json")
+    check_opset(args.opset)
+    check_outputs({"--out": out, "--schedule-json": json_path},
+                  inputs={"--checkpoint": args.checkpoint or shipped_checkpoint_path()}, force=args.force,
+                  examples={"--out": "model.onnx", "--schedule-json": "schedule.json"})
     info = export_files(out, json_path, args.checkpoint, opset=args.opset)
     signature = "eps_theta(x_t, t, y)" if info.get("num_classes") else "eps_theta(x_t, t)"
     print(f"wrote {out} ({out.stat().st_size:,} bytes): {signature}, batch axis dynamic")
@@ -186,5 +204,7 @@ def add_parser(subparsers) -> None:
     e.add_argument("--out", default="model.onnx", help="ONNX file to write (default model.onnx)")
     e.add_argument("--schedule-json", dest="schedule_json", default=None,
                    help="schedule coefficients file (default: schedule.json beside --out)")
-    e.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    e.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, {OPSET_RANGE[0]}-{OPSET_RANGE[1]} "
+                   f"(default {OPSET})")
+    e.add_argument("--force", action="store_true", help="overwrite existing files at --out / --schedule-json")
     e.set_defaults(func=_export_cli)

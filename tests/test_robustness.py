@@ -6,6 +6,7 @@ book/troubleshooting.md lists the same cases for the reader: error message -> ca
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -13,7 +14,6 @@ import struct
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -58,17 +58,21 @@ def fake_data_folder(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A folder with a trained checkpoint (2 steps of the quick preset on random images), the same
-    checkpoint with NaN EMA weights, a folder, a plain file, good and corrupt data folders."""
+    checkpoint with NaN EMA weights, a v-prediction one, a folder, a plain file, an earlier ONNX
+    export, good and corrupt data folders."""
     w = tmp_path_factory.mktemp("robust")
     images = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    trainer = build_trainer(get_preset("quick"), images, device="cpu")
-    trainer.fit(steps=2, progress=False, checkpoint_path=w / "good.pt")
+    quick = get_preset("quick")
+    build_trainer(quick, images, device="cpu").fit(steps=2, progress=False, checkpoint_path=w / "good.pt")
     ckpt = load_checkpoint(w / "good.pt")
     ckpt["ema"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                    for k, v in ckpt["ema"].items()}
     save_checkpoint(w / "nan.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    v_pred = dataclasses.replace(quick, diffusion=dataclasses.replace(quick.diffusion, prediction="v"))
+    build_trainer(v_pred, images, device="cpu").fit(steps=1, progress=False, checkpoint_path=w / "v.pt")
     (w / "folder").mkdir()
     (w / "afile").write_text("not a folder")
+    (w / "model.onnx").write_bytes(b"an earlier export")
     fake_data_folder(w / "data")
     bad = fake_data_folder(w / "corrupt") / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte"
     bad.write_bytes(bad.read_bytes()[:1000])
@@ -76,112 +80,174 @@ def work(tmp_path_factory):
     return w
 
 
-# name: (command line, extra environment, exit code, text of the one error line, files that must not appear)
+# name: (command line, extra environment, exit code, text of the one error line). Every case runs
+# in this process, in the folder above, and must leave every file there as it was, create none.
 REFUSALS = {
     "out is a folder": (["train", "--out", "folder", "--steps", "2", "--subset", "64"], {}, 1,
-                        "error: --out folder is a folder; give a file path such as folder/model.pt",
-                        ["folder/model.pt"]),
+                        "error: --out folder is a folder; give a file path such as folder/model.pt"),
     "out under a file": (["train", "--out", "afile/x.pt", "--steps", "2", "--subset", "64"], {}, 1,
-                         "error: cannot write afile/x.pt: afile is a file, not a folder", []),
-    "steps 0": (["train", "--steps", "0", "--out", "s0.pt"], {}, 1, "error: steps must be >= 1, got 0", ["s0.pt"]),
+                         "error: cannot write afile/x.pt: afile is a file, not a folder"),
+    "steps 0": (["train", "--steps", "0", "--out", "new/s0.pt"], {}, 1, "error: steps must be >= 1, got 0"),
     "save-every -1": (["train", "--save-every", "-1", "--out", "se.pt"], {}, 2,
-                      "argument --save-every: must be >= 0, got -1", ["se.pt"]),
+                      "argument --save-every: must be >= 0, got -1"),
     "existing checkpoint": (["train", "--out", "good.pt", "--steps", "2", "--subset", "64"], {}, 1,
-                            "error: good.pt already exists; pass --force to overwrite it, --resume good.pt", []),
+                            "error: good.pt already exists; pass --force to overwrite it, --resume good.pt"),
     "preset with resume": (["train", "--resume", "good.pt", "--preset", "quick", "--steps", "5"], {}, 1,
-                           "error: --preset quick cannot be combined with --resume", []),
-    "wrong --data": (["train", "--data", "nowhere", "--steps", "2", "--subset", "64", "--out", "wd.pt"], {}, 1,
-                     "error: the data folder nowhere (--data / root=) does not exist", ["wd.pt"]),
+                           "error: --preset quick cannot be combined with --resume"),
+    "wrong --data": (["train", "--data", "nowhere", "--steps", "2", "--subset", "64", "--out", "new/wd.pt"], {}, 1,
+                     "error: the data folder nowhere (--data / root=) does not exist"),
     "wrong DDPM_DATA_DIR": (["train", "--steps", "2", "--subset", "64", "--out", "we.pt"],
                             {"DDPM_DATA_DIR": "folder"}, 1,
-                            "error: the data folder folder (DDPM_DATA_DIR) does not hold Fashion-MNIST", ["we.pt"]),
+                            "error: the data folder folder (DDPM_DATA_DIR) does not hold Fashion-MNIST"),
     "corrupt data file": (["train", "--data", "corrupt", "--steps", "2", "--subset", "64", "--out", "cd.pt"], {}, 1,
                           "error: Fashion-MNIST file corrupt/FashionMNIST/raw/train-labels-idx1-ubyte was found but "
-                          "is corrupt: it has 1000 bytes, expected 60008 (truncated). To fix: replace it", ["cd.pt"]),
+                          "is corrupt: it has 1000 bytes, expected 60008 (truncated). To fix: replace it"),
+    "batch above the data": (["train", "--data", "data", "--subset", "16", "--batch-size", "32", "--out", "b.pt"],
+                             {}, 1, "error: --batch-size 32 is larger than the 16 training images: give "
+                                    "--batch-size 16 or less, or more images"),
     "png extension": (["sample", "--checkpoint", "good.pt", "--n", "2", "--ddim-steps", "2", "--png", "grid.bmpx"],
-                      {}, 1, "error: cannot write an image to grid.bmpx: unknown extension .bmpx; use one of",
-                      ["grid.bmpx"]),
+                      {}, 1, "error: cannot write an image to grid.bmpx: unknown extension .bmpx; use one of"),
     "eta 5": (["sample", "--checkpoint", "good.pt", "--ddim-steps", "2", "--eta", "5", "--png", "e5.png"], {}, 1,
-              "error: --eta must be in [0, 1]", ["e5.png"]),
+              "error: --eta must be in [0, 1]"),
+    "nan weights": (["sample", "--checkpoint", "nan.pt", "--n", "2", "--png", "nan.png", "--tensor", "nan.t"], {}, 1,
+                    "error: nan.pt holds NaN or inf weights (ema time_embed"),
+    "tensor over the checkpoint": (["sample", "--checkpoint", "good.pt", "--tensor", "good.pt"], {}, 1,
+                                   "error: --tensor good.pt is the --checkpoint file itself: writing it would "
+                                   "destroy the --checkpoint it reads; choose another --tensor"),
+    "onnx over the checkpoint": (["export-onnx", "--checkpoint", "good.pt", "--out", "good.pt", "--force"], {}, 1,
+                                 "error: --out good.pt is the --checkpoint file itself"),
+    "json over the checkpoint": (["export-onnx", "--checkpoint", "good.pt", "--schedule-json", "./good.pt",
+                                  "--out", "m.onnx"], {}, 1, "error: --schedule-json good.pt is the --checkpoint file"),
+    "onnx and json one file": (["export-onnx", "--checkpoint", "good.pt", "--out", "m.onnx", "--schedule-json",
+                                "m.onnx"], {}, 1, "error: --out and --schedule-json both name m.onnx"),
+    "onnx exists": (["export-onnx", "--checkpoint", "good.pt"], {}, 1,
+                    "error: model.onnx already exists; pass --force to overwrite it, or choose another --out"),
+    "onnx of v-prediction": (["export-onnx", "--checkpoint", "v.pt", "--force"], {}, 1,
+                             "error: the in-browser demo runs eps-prediction models only"),
+    "onnx of NaN weights": (["export-onnx", "--checkpoint", "nan.pt", "--out", "n.onnx"], {}, 1,
+                            "error: nan.pt holds NaN or inf weights"),
+    "onnx opset": (["export-onnx", "--checkpoint", "good.pt", "--out", "n.onnx", "--opset", "7"], {}, 1,
+                   "error: --opset must be an integer in [14, 20] (attention needs 14; the page's onnxruntime-web "
+                   "runs up to 20), got 7; the default is 20"),
+    "onnx into a folder": (["export-onnx", "--checkpoint", "good.pt", "--out", "folder"], {}, 1,
+                           "error: --out folder is a folder; give a file path such as folder/model.onnx"),
 }
 
 
-@pytest.fixture(scope="module")
-def refusals(work):
-    """Run every refusal case, two at a time (they are independent; each is one interpreter start)."""
-    def run(name):
-        args, extra, *_ = REFUSALS[name]
-        return name, cli(args, work, cli_env(work / "cache", **extra))
-    before = (work / "good.pt").read_bytes()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(pool.map(run, REFUSALS))
-    assert (work / "good.pt").read_bytes() == before, "a refused command changed the existing checkpoint"
-    return results
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*")) if "cache" not in p.parts}
 
 
 @pytest.mark.parametrize("name", list(REFUSALS))
-def test_refused_in_one_line_before_any_work(work, refusals, name):
-    _, _, code, message, absent = REFUSALS[name]
-    proc = refusals[name]
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.returncode == code, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
-    assert not re.search(r"training:|DDIM \d+ steps:|DDPM sampling", proc.stderr)   # no progress bar: no work started
-    for path in absent:
-        assert not (work / path).exists(), f"{path} was written"
+def test_refused_in_one_line_before_any_work(work, name, monkeypatch, capsys):
+    from ddpm_tutorial.__main__ import main
+    args, extra, code, message = REFUSALS[name]
+    monkeypatch.chdir(work)
+    for key, value in {**cli_env(work / "cache"), **extra}.items():
+        if os.environ.get(key) != value:
+            monkeypatch.setenv(key, value)
+    for key in ("DDPM_DATA_DIR", "DDPM_TRACEBACK"):
+        if key not in extra:
+            monkeypatch.delenv(key, raising=False)
+    before = _snapshot(work)
+    try:
+        got = main(args)
+    except SystemExit as exit_:                    # argparse's usage errors
+        got = exit_.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and got == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert not re.search(r"training:|DDIM \d+ steps:|DDPM sampling", err)   # no progress bar: no work started
+    assert not out.startswith("wrote")
+    assert _snapshot(work) == before, "a refused command wrote, replaced or created something"
 
 
-def test_nan_weights_exit_1_and_write_nothing(work):
-    proc = cli(["sample", "--checkpoint", "nan.pt", "--n", "2", "--ddim-steps", "2", "--png", "nan.png",
-                "--tensor", "nan_t.pt"], work, cli_env(work / "cache"))
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: nan.pt holds NaN or inf weights (ema ")
-    assert not (work / "nan.png").exists() and not (work / "nan_t.pt").exists()
+# In the child: the checkpoint's torch.save first says SAVING and waits, so that a second signal
+# lands inside the save.
+SLOW_SAVE = ("import sys, time, torch; real_save = torch.save\n"
+             "def slow_save(*args, **kwargs):\n"
+             "    print('SAVING', file=sys.stderr, flush=True); time.sleep(60); real_save(*args, **kwargs)\n"
+             "torch.save = slow_save\n")
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint_and_resume_continues(work, tmp_path):
-    """A real SIGINT during training: exit 130, a checkpoint at the step reached, the resume hint;
-    then --resume continues from exactly there."""
+def _interrupted_run(work, tmp_path, signals, slow_save=False):
+    """Train in a child process (quick preset, no periodic save), send ``signals[0]`` once a step
+    has finished and each later one once the save it started has begun; returns
+    (exit code, stdout, stderr, checkpoint path)."""
     out, err_file = tmp_path / "x.pt", tmp_path / "stderr.txt"
-    env = cli_env(work / "cache")
     with open(err_file, "w") as err:
         # A process started in the background by a non-interactive shell (`make test &`) inherits
         # SIGINT ignored, and Python then never raises KeyboardInterrupt: the training would run on.
         # The child restores Python's handler, as a terminal's Ctrl-C finds it.
         args = ["train", "--preset", "quick", "--steps", "100000", "--save-every", "0", "--subset", "64",
                 "--data", str(work / "data"), "--out", str(out)]
-        start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                 f"sys.argv = ['ddpm_tutorial', *{args!r}]; runpy.run_module('ddpm_tutorial', run_name='__main__')")
-        proc = subprocess.Popen([sys.executable, "-c", start],
-                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                 + (SLOW_SAVE if slow_save else "")
+                 + f"sys.argv = ['ddpm_tutorial', *{args!r}]; runpy.run_module('ddpm_tutorial', run_name='__main__')")
+        proc = subprocess.Popen([sys.executable, "-c", start], cwd=tmp_path, env=cli_env(work / "cache"),
+                                stdout=subprocess.PIPE, stderr=err, text=True)
         try:
-            deadline = time.monotonic() + 150
             # tqdm redraws the bar at most every 2 s; a count >= 1 means a step has finished
-            while not re.search(r"\| *[1-9]\d*/100000 \[", err_file.read_text()):
-                assert proc.poll() is None, f"training ended early: {err_file.read_text()}"
-                assert time.monotonic() < deadline, f"training did not start: {err_file.read_text()}"
-                time.sleep(0.2)
-            proc.send_signal(signal.SIGINT)
+            for sig, ready in zip(signals, [r"\| *[1-9]\d*/100000 \[", *["SAVING"] * (len(signals) - 1)]):
+                deadline = time.monotonic() + 150
+                while not re.search(ready, err_file.read_text()):
+                    assert proc.poll() is None, f"training ended early: {err_file.read_text()}"
+                    assert time.monotonic() < deadline, f"training did not get there: {err_file.read_text()}"
+                    time.sleep(0.2)
+                proc.send_signal(sig)
             stdout, _ = proc.communicate(timeout=120)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    stderr = err_file.read_text()
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr
+    return proc.returncode, stdout, err_file.read_text(), out
+
+
+@pytest.mark.parametrize("sig, code, last_line", [(signal.SIGINT, 130, "interrupted"),
+                                                  (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_signal_saves_a_resumable_checkpoint_and_resume_continues(work, tmp_path, sig, code, last_line):
+    """A real SIGINT (Ctrl-C) or SIGTERM (SLURM, Docker, systemd, a recycled Colab runtime) during
+    training: a checkpoint at the step reached, the resume hint, exit 130 / 143; after Ctrl-C,
+    --resume continues from exactly there."""
+    returncode, stdout, stderr, out = _interrupted_run(work, tmp_path, [sig])
+    assert returncode == code, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == last_line, stderr
     saved = re.search(rf"interrupted at step (\d+): saved a resumable checkpoint to {re.escape(str(out))}", stdout)
     assert saved, stdout
     assert f"resume with: python -m ddpm_tutorial train --resume {out} --data {work / 'data'}" in stderr
     ckpt = load_checkpoint(out)
     step = int(saved.group(1))
     assert ckpt["step"] == step > 0 and len(ckpt["history"]["loss"]) == step and "optimizer" in ckpt
-
-    resumed = cli(["train", "--resume", out, "--steps", step + 2, "--data", work / "data"], tmp_path, env)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())          # the umask, not 0600
+    if sig != signal.SIGINT:
+        return
+    resumed = cli(["train", "--resume", out, "--steps", step + 2, "--data", work / "data"], tmp_path,
+                  cli_env(work / "cache"))
     assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
     assert f"(resumed from {out} at step {step})" in resumed.stdout
     after = load_checkpoint(out)
     assert after["step"] == step + 2 and after["history"]["loss"][:step] == ckpt["history"]["loss"]
+    assert after["preset"] == "quick"
+
+
+def test_a_second_ctrl_c_during_the_save_exits_130_without_a_traceback(work, tmp_path):
+    """Ctrl-C, then Ctrl-C again while the checkpoint is being written: the save is abandoned
+    (no half-written file, no temporary file left), the one message says nothing was saved, exit 130."""
+    returncode, stdout, stderr, out = _interrupted_run(work, tmp_path, [signal.SIGINT, signal.SIGINT],
+                                                       slow_save=True)
+    assert returncode == 130 and "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line and "SAVING" not in line and "training" not in line]
+    assert lines == ["interrupted again while saving: the save was abandoned (no half-written file); nothing "
+                     "was saved in this run", "interrupted"], stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stderr.txt"]      # no checkpoint, no temporary file
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def test_unexpected_errors_are_one_line_too(work, monkeypatch, capsys):
