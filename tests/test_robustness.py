@@ -369,3 +369,122 @@ def test_training_inputs_are_checked_once_before_training():
     for t in ([-1, 3], [3, 1000]):
         with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\)"):
             net(torch.zeros(2, 1, 28, 28), torch.tensor(t))
+
+
+# --- full and read-only disks (a small tmpfs, mounted where the tests run as root) ---------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Factory: ``small_disk(kilobytes, read_only=False)`` -> a folder on a tmpfs of that size,
+    unmounted afterwards. Skipped where mounting is not allowed (not root, no tmpfs, a container
+    without CAP_SYS_ADMIN)."""
+    mounted = []
+
+    def make(kilobytes: int, read_only: bool = False) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        options = f"size={kilobytes}k" + (",ro" if read_only else "")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                              text=True) if os.name == "posix" and os.geteuid() == 0 else None
+        if proc is None or proc.returncode != 0:
+            pytest.skip("cannot mount a small tmpfs here (needs root and mount permission): "
+                        + (proc.stderr.strip() if proc else "not root"))
+        mounted.append(where)
+        return where
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_disk_full_during_a_write_is_one_line_and_leaves_the_old_file(small_disk):
+    """A write that runs out of space (torch.save's own error is '[enforce fail at
+    inline_container.cc] unexpected pos'): one line naming the file, the bytes it needs and those
+    free, and what is left; the old file intact, no temporary file, no folder the write made."""
+    from ddpm_tutorial.outputs import DiskFullError, torch_save, write_file
+    disk = small_disk(256)
+    old = disk / "kept.pt"
+    old.write_bytes(b"an earlier save")
+    big = {"history": list(range(200_000))}        # pickled floats the size estimate does not count
+    with pytest.raises(DiskFullError, match=rf"^disk full: cannot write {re.escape(str(old))} \(it needs about "
+                                            rf"[\d.]+ kB, [\d.]+ k?B are free there\); {re.escape(str(old))} still "
+                                            "holds its previous contents$"):
+        torch_save(big, old)
+    with pytest.raises(DiskFullError, match=r"cannot write .*new/deeper/x.bin .* no file was written$"):
+        write_file(disk / "new" / "deeper" / "x.bin", lambda f: f.write(b"\0" * 400_000))
+    assert old.read_bytes() == b"an earlier save"
+    assert sorted(p.name for p in disk.iterdir()) == ["kept.pt"]          # no temporary file, no new folders
+
+
+def test_a_disk_too_small_is_refused_before_any_work(small_disk, work, monkeypatch, capsys):
+    """train and sample know their output's size: a disk without room is said before training
+    or sampling starts."""
+    from ddpm_tutorial.__main__ import main
+    disk = small_disk(64)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(work / "cache"))
+    assert main(["train", "--preset", "quick", "--data", str(work / "data"), "--subset", "16", "--batch-size", "8",
+                 "--out", str(disk / "runs" / "x.pt")]) == 1
+    assert main(["sample", "--checkpoint", str(work / "good.pt"), "--n", "64", "--tensor", str(disk / "s.pt")]) == 1
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert re.fullmatch(rf"error: not enough disk space for {re.escape(str(disk))}/runs/x.pt \(it needs about [\d.]+ "
+                        r"MB, [\d.]+ kB are free there\); nothing was written; free some space or choose another "
+                        r"--out", lines[0]), err
+    assert lines[1].startswith(f"error: not enough disk space for {disk}/s.pt (it needs about 200.7 kB"), err
+    assert not out and list(disk.iterdir()) == []
+
+
+def test_disk_full_while_training_says_what_to_resume(small_disk, work, monkeypatch, capsys):
+    """Room for one checkpoint but not for the next save beside it: the run stops in one line
+    naming the checkpoint that holds the last complete save and the command that resumes it."""
+    from ddpm_tutorial.__main__ import _checkpoint_bytes, main
+    disk = small_disk(int(_checkpoint_bytes(get_preset("quick").model) * 1.5 / 1024))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(work / "cache"))
+    out = disk / "x.pt"
+    assert main(["train", "--preset", "quick", "--data", str(work / "data"), "--subset", "16", "--batch-size", "8",
+                 "--steps", "5", "--save-every", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: not enough disk space for {re.escape(str(out))} \(it needs about [\d.]+ MB, [\d.]+ "
+                        rf"kB are free there\); {re.escape(str(out))} still holds its previous contents; free some "
+                        rf"space, then resume with: python -m ddpm_tutorial train --resume {re.escape(str(out))} "
+                        rf"--data {re.escape(str(work / 'data'))}", err), err
+    assert load_checkpoint(out)["step"] == 1 and sorted(p.name for p in disk.iterdir()) == ["x.pt"]
+
+
+def test_a_read_only_folder_is_refused_with_what_to_do(small_disk, work, capsys):
+    from ddpm_tutorial.__main__ import main
+    disk = small_disk(64, read_only=True)
+    for argv in (["sample", "--checkpoint", str(work / "good.pt"), "--png", str(disk / "x.png")],
+                 ["export-onnx", "--checkpoint", str(work / "good.pt"), "--out", str(disk / "m" / "model.onnx")]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        flag = argv[-2]
+        assert err.startswith(f"error: cannot write {argv[-1]}: Read-only file system (in {disk}); choose a folder "
+                              f"you can write to for {flag}") and err.count("\n") == 1, err
+
+
+# --- the guard itself ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_files_are_written_with_the_users_umask(tmp_path, mask):
+    """A cluster group reads checkpoints as it reads the user's other files (mkstemp made 0600)."""
+    from ddpm_tutorial.outputs import write_file
+    previous = os.umask(mask)
+    try:
+        path = save_checkpoint(tmp_path / "c.pt", {"step": 0})
+        other = write_file(tmp_path / "x.bin", lambda f: f.write(b"x"))
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == other.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_the_guard_creates_nothing_and_writes_through_links(tmp_path):
+    from ddpm_tutorial.outputs import check_outputs, write_file
+    target = tmp_path / "real.bin"
+    target.write_bytes(b"old")
+    (tmp_path / "link.bin").symlink_to(target)
+    assert check_outputs({"--out": tmp_path / "a" / "b" / "c.bin"}) == {"--out": tmp_path / "a" / "b" / "c.bin"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.bin", "real.bin"]       # no folder, no probe left
+    with pytest.raises(ValueError, match="--out .*link.bin is the --in file itself"):
+        check_outputs({"--out": tmp_path / "link.bin"}, inputs={"--in": target}, force=True)
+    write_file(tmp_path / "link.bin", lambda f: f.write(b"new"))
+    assert (tmp_path / "link.bin").is_symlink() and target.read_bytes() == b"new"        # the link stays a link
