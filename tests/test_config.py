@@ -17,7 +17,7 @@ from ddpm_tutorial.unet import UNet, count_parameters
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = tuple(PRESETS)
 # What the chapters read from a preset besides its model/diffusion/train configs.
-CHAPTER_KNOBS = ("n_samples", "n_metric", "n_bootstrap", "ddim_steps", "ddim_sweep", "eta_sweep",
+CHAPTER_KNOBS = ("n_samples", "n_metric", "n_metric_slow", "n_bootstrap", "ddim_steps", "ddim_sweep", "eta_sweep",
                  "n_chains", "slider_frames", "guidance_scales")
 
 
@@ -99,6 +99,7 @@ def test_every_chapter_knob_is_in_the_preset(name):
         assert hasattr(p, knob), f"preset {name!r} lacks {knob}"
     T = p.diffusion.T
     assert 1 <= p.n_samples <= p.n_metric and p.n_bootstrap >= 2 and p.n_chains >= 2 and p.slider_frames >= 2
+    assert 2 <= p.n_metric_slow <= p.n_metric          # 06 scores the 1000-call extras against DDPM's first n
     assert all(1 <= s <= T for s in (p.ddim_steps, *p.ddim_sweep)) and list(p.ddim_sweep) == sorted(p.ddim_sweep)
     assert all(0.0 <= eta <= 1.0 for eta in p.eta_sweep) and 0.0 in p.eta_sweep
     assert all(w >= 0 for w in p.guidance_scales) and 0.0 in p.guidance_scales   # w = 0: no guidance, the baseline
@@ -112,7 +113,7 @@ def test_every_chapter_knob_is_in_the_preset(name):
 
 def test_quick_preset_is_the_cheapest_everywhere():
     quick, cpu = get_preset("quick"), get_preset("cpu")
-    for knob in ("n_samples", "n_metric", "n_bootstrap", "ddim_steps", "n_chains", "slider_frames"):
+    for knob in ("n_samples", "n_metric", "n_metric_slow", "n_bootstrap", "ddim_steps", "n_chains", "slider_frames"):
         assert getattr(quick, knob) <= getattr(cpu, knob), knob
     for sweep in ("ddim_sweep", "eta_sweep", "guidance_scales"):
         assert len(getattr(quick, sweep)) <= len(getattr(cpu, sweep)), sweep
