@@ -570,11 +570,11 @@ def _where(message: str) -> str:
     """Under torchrun, say which process an error comes from (every rank prints its own)."""
     from .distributed import env_int
     try:
-        world = env_int("WORLD_SIZE", 1, lo=1)
+        world, rank = env_int("WORLD_SIZE", 1, lo=1), env_int("RANK", 0)
     except ValueError:                           # the bad variable is what the message is about
         return message
     if world > 1 and not message.startswith("rank "):
-        return f"rank {os.environ.get('RANK', '?')} of {world}: {message}"
+        return f"rank {rank} of {world}: {message}"
     return message
 
 

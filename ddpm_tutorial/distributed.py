@@ -138,7 +138,7 @@ def _join_by_hand(rank: int, world: int, port: int, log) -> dist.TCPStore:
         if "in use" in text.lower():
             raise PeerFailure(f"MASTER_PORT={port} is already in use on {addr}: choose another port") from None
         what = (f"the other {world - 1} process(es) did not join within {seconds:.0f} s" if rank == 0 else
-                f"rank 0 did not answer at {addr}:{port} within {seconds:.0f} s")
+                f"no answer from rank 0 at {addr}:{port} within {seconds:.0f} s")
         raise PeerFailure(f"{what} (WORLD_SIZE={world}, RANK={rank} set by hand, without torchrun): start every "
                           "process, or use torchrun, which starts them all; unset WORLD_SIZE to train in one "
                           f"process ({text[:160]})") from None

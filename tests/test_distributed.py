@@ -236,3 +236,71 @@ def test_a_global_batch_that_does_not_split_is_refused_before_training(tmp_path,
     assert capsys.readouterr().err == ("error: rank 2 of 3: --batch-size 8 is the global batch, split evenly among "
                                        "the 3 processes; choose a multiple of 3\n")
     assert not torch.distributed.is_initialized() and not (tmp_path / "x.pt").exists()
+
+
+# --- the environment, read and checked ----------------------------------------------------------------
+
+ENVIRONMENTS = [
+    ({"WORLD_SIZE": "abc"}, "error: environment variable WORLD_SIZE='abc' must be an integer (torchrun sets it); "
+                            "unset it to train in one process"),
+    ({"WORLD_SIZE": "0"}, "error: environment variable WORLD_SIZE='0' must be an integer >= 1 (torchrun sets it)"),
+    ({"WORLD_SIZE": "2", "RANK": "x"}, "error: environment variable RANK='x' must be an integer"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "error: rank 0 of 2: environment variable LOCAL_RANK='-1' must be an "
+                                              "integer >= 0"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"},
+     "error: rank 0 of 2: environment variable MASTER_PORT='abc' must be an integer"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "70000"},
+     "error: rank 0 of 2: environment variable MASTER_PORT='70000' must be an integer in [1, 65535]"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "{port}", "DDPM_JOIN_TIMEOUT": "soon"},
+     "error: rank 0 of 2: environment variable DDPM_JOIN_TIMEOUT='soon' must be a number of seconds > 0"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "{port}", "DDPM_JOIN_TIMEOUT": "1"},
+     "error: rank 0 of 2: the other 1 process(es) did not join within 1 s (WORLD_SIZE=2, RANK=0 set by hand, without "
+     "torchrun): start every process, or use torchrun, which starts them all; unset WORLD_SIZE to train in one "
+     "process"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "{port}", "DDPM_JOIN_TIMEOUT": "1"},
+     "error: rank 1 of 2: no answer from rank 0 at 127.0.0.1:{port} within 1 s"),
+]
+
+
+@pytest.mark.parametrize("variables, message", ENVIRONMENTS)
+def test_every_environment_variable_is_checked(tmp_path, monkeypatch, capsys, variables, message):
+    """What torchrun sets, set by hand or by mistake: one line naming the variable, before any data
+    is read; a hand-set world size whose other process never starts waits DDPM_JOIN_TIMEOUT, then says so."""
+    from ddpm_tutorial.__main__ import main
+    port = str(free_port())
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DDPM_JOIN_TIMEOUT",
+                 "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value.format(port=port))
+    start = time.monotonic()
+    assert main(["train", "--preset", "quick", "--images", str(tmp_path), "--batch-size", "8",
+                 "--out", str(tmp_path / "x.pt")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(message.format(port=port)), err
+    assert all(line.startswith("rank ") and "waiting up to 1 s" in line for line in err[:-1]), err   # the one note
+    assert time.monotonic() - start < 30
+    assert not torch.distributed.is_initialized() and not (tmp_path / "x.pt").exists()
+
+
+HAND_STARTED = '''
+from ddpm_tutorial import distributed
+ctx = distributed.init("cpu")
+distributed.barrier()
+print(ctx.rank, ctx.world_size, ctx.backend)
+distributed.cleanup()
+'''
+
+
+@pytest.mark.slow
+def test_processes_started_by_hand_meet_without_torchrun(tmp_path):
+    """WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT set by hand in two shells: the two processes
+    meet at rank 0's store (no torchrun agent) and form one gloo group."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", HAND_STARTED], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**env(), "WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                                              "MASTER_PORT": port, "DDPM_JOIN_TIMEOUT": "60"})
+             for rank in (0, 1)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outputs]
+    assert [o.split() for o, _ in outputs] == [["0", "2", "gloo"], ["1", "2", "gloo"]]
