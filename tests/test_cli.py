@@ -242,3 +242,50 @@ def test_class_names_come_from_the_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", str(ck), "--images", str(tmp_path / "pets"), "--steps", "3"]) == 1
     assert "was trained on the classes cats, dogs; the subfolders of" in capsys.readouterr().err
+
+
+def _pictures(folder, n, size=(8, 8), grey=False, seed=0):
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        pixels = (torch.rand(size[1], size[0], *(() if grey else (3,)), generator=g) * 255).byte().numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder
+
+
+def test_own_images_say_what_they_do_to_the_pictures(tmp_path, capsys):
+    """Nothing done to the pictures silently: 2x2 images scaled up 8x, idle decoding workers, grey
+    images made RGB for --channels 3 are said; grey images for a resumed colour model are refused."""
+    tiny = _pictures(tmp_path / "tiny", 3, size=(2, 2))
+    assert main(["train", "--preset", "quick", "--images", str(tiny), "--image-size", "16", "--workers", "4",
+                 "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "tiny.pt")]) == 0
+    out = capsys.readouterr().out
+    assert (f"3 of 3 images are less than half of 16 px on their shorter side and are scaled up (the smallest, "
+            f"{tiny / '0.png'}, 2x2, 8x): they will look blurred; choose a smaller --image-size, or larger images") in out
+    assert "3 images make 1 batch of 256 to decode: 1 of the 4 --workers are used" in out
+    grey = _pictures(tmp_path / "grey", 4, grey=True)
+    assert main(["train", "--preset", "quick", "--images", str(grey), "--image-size", "8", "--channels", "3",
+                 "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "rgb.pt")]) == 0
+    assert f"all 4 images in {grey} are greyscale: each is made RGB (three equal channels)" in capsys.readouterr().out
+    colour = _pictures(tmp_path / "colour", 4)
+    assert main(["train", "--preset", "quick", "--images", str(colour), "--image-size", "8", "--steps", "1",
+                 "--batch-size", "2", "--out", str(tmp_path / "c.pt")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "c.pt"), "--images", str(grey), "--steps", "2"]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'c.pt'} is a colour model, but every image in {grey} is "
+                                       "greyscale: resume it on the colour images it was trained on, or start a grey "
+                                       "run (--channels 1)\n")
+    assert load_checkpoint(tmp_path / "c.pt")["step"] == 1
+
+
+def test_an_unreadable_image_while_streaming_says_whether_to_resume(tmp_path, capsys):
+    folder = _pictures(tmp_path / "imgs", 4, size=(64, 64))
+    whole = (folder / "1.png").read_bytes()
+    (folder / "1.png").write_bytes(whole[:len(whole) // 2])          # the header reads, the pixels do not
+    assert main(["train", "--preset", "quick", "--images", str(folder), "--image-size", "8", "--stream", "--workers",
+                 "0", "--steps", "3", "--batch-size", "4", "--out", str(tmp_path / "s.pt")]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]                   # after the progress bar of step 0
+    assert err.startswith(f"error: image {folder / '1.png'} could not be decoded (OSError: ") and err.endswith(
+        "; delete it or replace it with a good copy; nothing was saved in this run: then run the command again"), err
+    assert not (tmp_path / "s.pt").exists()
