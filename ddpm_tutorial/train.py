@@ -26,6 +26,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoint import configs_from_checkpoint, load_checkpoint, load_weights, save_checkpoint
-from .checks import check_images
+from .checks import check_images, door
 from .config import DiffusionConfig, ModelConfig, Preset, TrainConfig, resolve_device
 from .diffusion import loss_simple, loss_weight
 from .schedules import NoiseSchedule
@@ -48,6 +49,13 @@ class History:
     t_bucket_sum: list = field(default_factory=list)
     t_bucket_count: list = field(default_factory=list)
     seconds: float = 0.0
+
+    def add(self, loss: float, buckets: list, values: list) -> None:
+        """One step: its loss, and each sample's loss (``values``) added to its t bucket."""
+        self.loss.append(loss)
+        for b, v in zip(buckets, values):
+            self.t_bucket_sum[b] += v
+            self.t_bucket_count[b] += 1
 
     def bucket_means(self) -> list:
         return [s / c if c else float("nan") for s, c in zip(self.t_bucket_sum, self.t_bucket_count)]
@@ -157,9 +165,9 @@ def check_global_batch(batch_size: int, world: int) -> None:
                          f"processes; choose a multiple of {world}")
 
 
-def finite_loss(loss: torch.Tensor, step: int) -> float:
-    """The loss as a float (one host sync per step); FloatingPointError when it is NaN or inf."""
-    value = loss.item()
+def finite_loss(loss, step: int) -> float:
+    """The loss (a float or a one-element tensor) as a float; FloatingPointError when it is NaN or inf."""
+    value = float(loss)
     if not math.isfinite(value):
         raise FloatingPointError(f"training loss became {value} at step {step}; lower the "
                                  "learning rate (--lr) or check that the data is scaled to [-1, 1]")
@@ -181,6 +189,127 @@ def check_labels(labels: torch.Tensor | None, n: int, num_classes: int) -> torch
     if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
     return labels.long()
+
+
+class Draw(NamedTuple):
+    """What Algorithm 1's lines 2-4 draw for one step: which images (idx, (B,)), t (B,), eps
+    (B, C, H, W), the class labels y (B,) of a class-conditional model (else None) and which
+    images are mirrored (flip (B,) bool, with hflip; else None). All on the CPU."""
+    idx: torch.Tensor
+    t: torch.Tensor
+    eps: torch.Tensor
+    y: torch.Tensor | None
+    flip: torch.Tensor | None
+
+    def shard(self, rank: int, world: int) -> "Draw":
+        """Process ``rank``'s equal slice of the global batch (all of it with one process)."""
+        b = len(self.idx) // world
+        return Draw(*(None if v is None else v[rank * b:(rank + 1) * b] for v in self))
+
+
+def draw_global_batch(step: int, cfg: TrainConfig, n_data: int, image_shape: tuple, T: int,
+                      labels: torch.Tensor | None = None, null_class: int = 0) -> Draw:
+    """Algorithm 1, lines 2-4, for step ``step`` of a run: the global batch of ``cfg.batch_size``,
+    drawn on the CPU from a generator seeded by (cfg.seed, step), so every device and every
+    process draws the same batch, and a resumed run the batch it would have drawn.
+
+    x_0 ~ q(x_0) is ``idx``, which of the ``n_data`` training images; ``t`` holds code indices
+    in [0, T); eps has ``image_shape`` per image. ``labels`` (n_data,): the classes of a
+    class-conditional model, each replaced by ``null_class`` with probability cfg.p_uncond
+    (Ho & Salimans 2022). cfg.hflip: each image mirrored with probability 1/2.
+    """
+    g = step_generator(cfg.seed, step)
+    idx = batch_indices(n_data, cfg.batch_size, cfg.seed, step)       # line 2: x_0 ~ q(x_0)
+    t = torch.randint(0, T, (len(idx),), generator=g)                 # line 3: t ~ Uniform({1, ..., T})
+    eps = torch.randn((len(idx), *image_shape), generator=g)          # line 4: eps ~ N(0, I)
+    y = None
+    if labels is not None:
+        drop = torch.rand(len(idx), generator=g) < cfg.p_uncond
+        y = torch.where(drop, null_class, labels[idx])
+    flip = torch.rand(len(idx), generator=g) < 0.5 if cfg.hflip else None
+    return Draw(idx, t, eps, y, flip)
+
+
+# A set whose float32 tensor takes at most this many bytes is held on the training device
+# (Fashion-MNIST: 188 MB), so a step's batch is one indexing there; a larger one stays in the
+# host's memory and each batch is copied over.
+ON_DEVICE_BYTES = 2 ** 30
+
+
+class InMemory:
+    """Training images held as one tensor (N, C, H, W) in [-1, 1]."""
+
+    def __init__(self, images: torch.Tensor, device: torch.device):
+        self.device = device
+        on_device = images.numel() * images.element_size() <= ON_DEVICE_BYTES
+        self.images = images.to(device) if on_device else images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(self.images.shape[1:])
+
+    def batch(self, idx: torch.Tensor, step: int) -> torch.Tensor:
+        """The images ``idx`` (b,) of step ``step``, on the device."""
+        return to_device(self.images[to_device(idx, self.images.device)], self.device)
+
+    def close(self) -> None:
+        pass
+
+
+class Streamed:
+    """An image folder too large for memory (image_folder.ImageFolder): DataLoader workers decode
+    this process's shard of each step ahead (:class:`ShardSampler`), restarted at the current step
+    after a resume or a repeated draw."""
+
+    def __init__(self, folder, cfg: TrainConfig, device: torch.device, rank: int, world: int, workers: int):
+        self.folder, self.cfg, self.device, self.workers = folder, cfg, device, workers
+        self.rank, self.world = rank, world
+        self.image_shape, self._stream, self._next = tuple(folder.image_shape), None, None
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def batch(self, idx: torch.Tensor, step: int) -> torch.Tensor:
+        """This process's images of step ``step`` (the sampler draws the same ``idx``), on the device."""
+        if self._stream is None or self._next != step:
+            sampler = ShardSampler(len(self.folder), self.cfg.batch_size, self.cfg.seed, step, self.rank, self.world)
+            self._stream = iter(torch.utils.data.DataLoader(
+                self.folder, batch_sampler=sampler, num_workers=self.workers, pin_memory=self.device.type == "cuda"))
+        self._next = step + 1
+        return next(self._stream).to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop the loader's workers."""
+        self._stream = None
+
+
+def to_device(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """``x`` on ``device``; a CPU tensor bound for a GPU is pinned and copied without making the
+    host wait for the copy."""
+    if x is None or x.device.type != "cpu" or device.type == "cpu":
+        return x if x is None else x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+LOG_EVERY = 25      # steps between two read-backs of the loss (the progress bar's loss)
+
+
+def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype a run computes in under autocast, None for fp32. On CUDA ``train.precision``:
+    fp16 with loss scaling (a T4 has fast fp16, no bf16) or bf16 (its range is fp32's: no
+    scaling; fp16 on a GPU without bf16). On the CPU fp32, unless cpu_precision asks for bf16,
+    which only CPUs with bf16 instructions run fast (bench/cpu_efficiency.py measures it)."""
+    cuda = device.type == "cuda"
+    precision = train.precision if cuda else train.cpu_precision
+    if precision == "fp32":
+        return None
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported(False):
+        distributed.print0(f"{torch.cuda.get_device_name(device)} has no bf16: training in fp16 instead")
+        return torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 class Trainer:
@@ -208,7 +337,8 @@ class Trainer:
         self.cfg, self.diffusion_cfg = train, diffusion or DiffusionConfig()
         self.schedule = NoiseSchedule.from_config(self.diffusion_cfg).to(self.device)
         self.data = data
-        self.loader_workers, self._stream = loader_workers, None
+        self.source = (InMemory(data, self.device) if isinstance(data, torch.Tensor)
+                       else Streamed(data, train, self.device, self.rank, self.world, loader_workers))
         self.model = model.to(self.device)
         # What computes the loss: the model itself, or its DDP wrapper, which all-reduces the
         # gradients during backward (the model's weights and optimiser stay those of self.model).
@@ -217,91 +347,43 @@ class Trainer:
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(train))
         self.weight = loss_weight(self.schedule, train.loss_weight, train.min_snr_gamma)   # (T,): ones = L_simple
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.lr, betas=(0.9, train.adam_beta2))
-        # Autocast on CUDA: fp16 with loss scaling (a T4 has fast fp16, no bf16) or bf16 (its range
-        # is fp32's: no scaling). On the CPU fp32, unless cpu_precision asks for bf16, which only
-        # CPUs with bf16 instructions run fast (bench/cpu_efficiency.py measures it).
-        cuda = self.device.type == "cuda"
-        precision = train.precision if cuda else train.cpu_precision
-        self.amp = precision != "fp32"
-        self.amp_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        if cuda and self.amp and self.amp_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(False):
-            distributed.print0(f"{torch.cuda.get_device_name(self.device)} has no bf16: training in fp16 instead")
-            self.amp_dtype = torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        dtype = autocast_dtype(train, self.device)
+        self.amp, self.amp_dtype = dtype is not None, dtype or torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)    # fp16 needs loss scaling
         self.step = 0
         self.last_checkpoint = None       # (path, step) of the last save every rank knows is complete
         self.meta = {}                    # saved beside the state: the preset's name, the class names
+        self.diverged_at = None           # the step whose loss was NaN or inf (then nothing is saved)
         self.history = History(t_bucket_sum=[0.0] * train.num_t_buckets,
                                t_bucket_count=[0] * train.num_t_buckets)
 
-    def train_step(self) -> float:
-        """Algorithm 1, one iteration. Returns the batch's loss (L_simple unless cfg.loss_weight)."""
+    def train_step(self) -> torch.Tensor:
+        """Algorithm 1, one iteration. Returns the batch's loss (L_simple unless cfg.loss_weight) as
+        a tensor on the device: nothing is read back to the host here (:meth:`read_back`)."""
         x0, t, eps, y = self.draw_batch()                # lines 2-4: x_0 ~ q(x_0), t ~ U, eps ~ N(0, I)
         self.model.train()
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             per_sample = loss_simple(self.net, self.schedule, x0, t, eps, reduction="none", y=y)
         loss = (self.weight[t] * per_sample).mean()     # L_simple: every weight is 1
-        value = finite_loss(self._global_mean(loss), self.step)   # refuses a NaN loss before it reaches the weights
         self.gradient_step(loss)                         # line 5: a gradient step on the loss
         self.ema.update_parameters(self.model)           # same weights on every rank: the same EMA
-        self.record(value, *self._gather(t, per_sample))    # history and step change together, last
-        return value
+        self.record(loss, t, per_sample)                 # the history's share, and the step counted
+        return loss.detach()
 
-    def _global_mean(self, loss: torch.Tensor) -> torch.Tensor:
-        """The whole global batch's mean loss, on every rank (equal shards: the mean of the ranks'
-        means), so all ranks refuse a NaN together; the loss itself with one process."""
-        if self.world == 1:
-            return loss
-        total = loss.detach().float().clone()
-        dist.all_reduce(total)                           # SUM (gloo has no AVG)
-        return total / self.world
-
-    def _gather(self, t: torch.Tensor, per_sample: torch.Tensor):
-        """(t, per-sample loss) of the whole global batch, in rank order, for the history."""
-        if self.world == 1:
-            return t, per_sample
-        pairs = torch.stack([t.float(), per_sample.detach().float()])       # (2, b)
-        parts = [torch.empty_like(pairs) for _ in range(self.world)]
-        dist.all_gather(parts, pairs)
-        both = torch.cat(parts, dim=1)                                      # (2, B)
-        return both[0].long(), both[1]
+    # The data was checked when the Trainer was built, and the batch is the package's own draw:
+    # inside a step no door checks again (no read-back of the images' range per step).
+    train_step = door(train_step)
 
     def draw_batch(self):
-        """Algorithm 1, lines 2-4, drawn from a generator seeded by (seed, step):
-        x0 (b, C, H, W), t (b,) code indices in [0, T), eps (b, C, H, W), on the device, and
-        for a class-conditional model the labels y (b,), each replaced by the null class with
-        probability p_uncond (Ho & Salimans 2022); y is None for an unconditional model.
-        The global batch of B is drawn; this rank keeps its shard ``mine`` of b = B / world_size
-        (all of it in one process), so every rank's t and eps are those one process would use.
-        With ``hflip`` each image is mirrored with probability 1/2, also drawn from the generator."""
-        g = step_generator(self.cfg.seed, self.step)
-        idx = batch_indices(len(self.data), self.cfg.batch_size, self.cfg.seed, self.step)   # global (B,)
-        B, cfg = len(idx), self.model.config
-        b = B // self.world
-        mine = slice(self.rank * b, (self.rank + 1) * b)
-        t = torch.randint(0, self.schedule.T, (B,), generator=g)
-        eps = torch.randn((B, cfg.in_channels, cfg.image_size, cfg.image_size), generator=g)
-        y = None
-        if self.labels is not None:
-            drop = torch.rand(B, generator=g) < self.cfg.p_uncond
-            y = torch.where(drop[mine], cfg.num_classes, self.labels[idx[mine]]).to(self.device)
-        x0 = self.data[idx[mine]] if isinstance(self.data, torch.Tensor) else self._streamed_batch()
-        if self.cfg.hflip:
-            flip = (torch.rand(B, generator=g) < 0.5)[mine]
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        return x0.to(self.device), t[mine].to(self.device), eps[mine].to(self.device), y
-
-    def _streamed_batch(self) -> torch.Tensor:
-        """This rank's images of step ``self.step`` from a folder on disk: a DataLoader whose
-        workers decode ahead, restarted (at the current step) after a resume or a repeated draw."""
-        if self._stream is None or self._stream_step != self.step:
-            sampler = ShardSampler(len(self.data), self.cfg.batch_size, self.cfg.seed, self.step,
-                                   self.rank, self.world)
-            loader = torch.utils.data.DataLoader(self.data, batch_sampler=sampler, num_workers=self.loader_workers,
-                                                 pin_memory=self.device.type == "cuda")
-            self._stream, self._stream_step = iter(loader), self.step
-        self._stream_step += 1
-        return next(self._stream)
+        """This process's share of step ``self.step``'s batch (:func:`draw_global_batch`; all of it
+        with one process), on the device: x0 (b, C, H, W) in [-1, 1], t (b,), eps (b, C, H, W),
+        y (b,) or None; b = batch_size / world_size."""
+        draw = draw_global_batch(self.step, self.cfg, len(self.source), self.source.image_shape, self.schedule.T,
+                                 self.labels, self.model.config.num_classes).shard(self.rank, self.world)
+        x0 = self.source.batch(draw.idx, self.step)
+        if draw.flip is not None:
+            x0 = torch.where(to_device(draw.flip, self.device)[:, None, None, None], x0.flip(-1), x0)
+        return x0, *(to_device(v, self.device) for v in (draw.t, draw.eps, draw.y))
 
     def gradient_step(self, loss: torch.Tensor) -> None:
         """Adam on the loss, with the preset's learning-rate schedule and gradient clipping
@@ -315,23 +397,60 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def record(self, loss: float, t: torch.Tensor, per_sample: torch.Tensor) -> None:
-        """Append the step's loss, add each sample's loss to its t bucket, count the step. Done
-        last in a step, so a Ctrl-C in the middle of a step never leaves the history one ahead."""
-        K = self.cfg.num_t_buckets
-        buckets = (t * K // self.schedule.T).cpu().tolist()
-        values = per_sample.detach().float().cpu().tolist()
-        self.history.loss.append(loss)
-        for b, v in zip(buckets, values):
-            self.history.t_bucket_sum[b] += v
-            self.history.t_bucket_count[b] += 1
+    def record(self, loss, t: torch.Tensor, per_sample: torch.Tensor) -> None:
+        """Keep the step's loss and its samples' (t, loss) where they are, for :meth:`read_back`,
+        and count the step. Done last in a step: a step cut short by Ctrl-C is never counted."""
+        self._pending.append((self.step, torch.as_tensor(loss).detach(), t, per_sample.detach()))
         self.step += 1
+
+    @property
+    def history(self) -> History:
+        """Loss per step and per t bucket. Reading it reads back the steps not yet read (with one
+        process; with several, :meth:`fit` reads back on every rank at the same steps)."""
+        if self._pending and self.world == 1:
+            self.read_back()
+        return self._history
+
+    @history.setter
+    def history(self, history: History) -> None:
+        self._history, self._pending = history, []
+
+    def read_back(self) -> float:
+        """Move the steps recorded since the last read-back into the history: one read to the host
+        for all of them (and, with several processes, one all-reduce and one all-gather), where a
+        loop that reads every step waits for the device every step. Returns the last loss.
+        FloatingPointError at the first NaN or inf loss; the run is then not saved any more."""
+        done = [p for p in self._pending if p[0] < self.step]      # a step cut short has no entry
+        self._pending = []
+        if done:
+            steps, losses, t, per_sample = zip(*done)
+            losses, t, per_sample = torch.stack(losses).float(), torch.stack(t), torch.stack(per_sample).float()
+            if self.world > 1:
+                losses, t, per_sample = self._global(losses, t, per_sample)      # (k,), (k, B), (k, B)
+            buckets = t * self.cfg.num_t_buckets // self.schedule.T
+            for step, loss, b, v in zip(steps, losses.tolist(), buckets.tolist(), per_sample.tolist()):
+                if not math.isfinite(loss):
+                    self.diverged_at = step               # its weights have changed since: save() refuses
+                self._history.add(finite_loss(loss, step), b, v)
+        return self._history.loss[-1] if self._history.loss else math.nan
+
+    def _global(self, losses: torch.Tensor, t: torch.Tensor, per_sample: torch.Tensor):
+        """The global batch's mean loss of each step (equal shards: the mean of the ranks' means),
+        and its (t, per-sample loss) in rank order: (k,), (k, B), (k, B)."""
+        total = losses.clone()
+        dist.all_reduce(total)                                     # SUM (gloo has no AVG)
+        pairs = torch.stack([t.float(), per_sample])               # (2, k, b)
+        parts = [torch.empty_like(pairs) for _ in range(self.world)]
+        dist.all_gather(parts, pairs)
+        both = torch.cat(parts, dim=2)                             # (2, k, B)
+        return total / self.world, both[0].long(), both[1]
 
     def fit(self, steps: int | None = None, progress: bool = True, callback=None,
             checkpoint_path=None, checkpoint_every: int = 0) -> History:
         """Train until ``steps`` total steps (default ``cfg.steps``), saving to ``checkpoint_path``
         every ``checkpoint_every`` steps (0: only at the end) and at the end; ``callback(trainer)``
-        runs at the same moments (e.g. to plot). Nothing is saved when no step ran.
+        runs at the same moments (e.g. to plot). Nothing is saved when no step ran. The loss is
+        read back every LOG_EVERY steps (the progress bar shows it) and before every save.
 
         Ctrl-C (KeyboardInterrupt) saves a resumable checkpoint first, then re-raises.
         With several processes, rank 0 alone saves, shows progress and runs ``callback``; a
@@ -341,25 +460,32 @@ class Trainer:
         steps = self.cfg.steps if steps is None else steps
         if checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0: only at the end), got {checkpoint_every}")
-        first, start, main = self.step, time.perf_counter(), distributed.is_main()
-        bar = tqdm(range(self.step, steps), desc="training", disable=not progress or not main,
-                   initial=self.step, total=steps, mininterval=2.0)
+        first, start = self.step, time.perf_counter()
+        bar = tqdm(desc="training", disable=not progress or not distributed.is_main(), initial=self.step,
+                   total=steps, mininterval=2.0)
+        with self._ending(bar, first, start, checkpoint_path):
+            while self.step < steps:
+                self.train_step()
+                bar.update()
+                if self.step % LOG_EVERY == 0 or self.step == steps:
+                    bar.set_postfix(loss=f"{self.read_back():.4f}", refresh=False)
+                if checkpoint_every and self.step % checkpoint_every == 0:
+                    self._save_point(checkpoint_path, callback)
+        self._save_point(checkpoint_path if self.step > first else None, callback)
+        return self.history
+
+    @contextlib.contextmanager
+    def _ending(self, bar, first: int, start: float, checkpoint_path):
+        """How :meth:`fit`'s loop ends: the bar closed and the time added; on Ctrl-C a resumable
+        checkpoint saved before the interrupt goes on; with several processes, any other failure
+        becomes distributed.PeerFailure (:meth:`_stopped`)."""
         try:
             with distributed.sigterm_raises() if self.world > 1 else contextlib.nullcontext():
-                for _ in bar:
-                    loss = self.train_step()
-                    if self.step % 25 == 0:
-                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                    if checkpoint_every and self.step % checkpoint_every == 0:
-                        if checkpoint_path:
-                            self._checkpoint(checkpoint_path)
-                        if callback and main:
-                            callback(self)
+                yield
         except KeyboardInterrupt:
-            del self.history.loss[self.step:]            # a step cut short inside record()
-            self.history.seconds += time.perf_counter() - start
-            bar.close()
-            if checkpoint_path and self.step > first and main:
+            self._stop_clock(bar, start)
+            # (with several processes no collective can run now: the history keeps what was read back)
+            if checkpoint_path and self.step > first and distributed.is_main():
                 self.save(checkpoint_path)
                 print(f"interrupted at step {self.step}: saved a resumable checkpoint to {checkpoint_path}")
             raise
@@ -369,18 +495,25 @@ class Trainer:
                 raise
             raise self._stopped(err) from err
         finally:
-            self._stream = None                          # stop the loader's workers
+            self.source.close()                          # stop the loader's workers
+        self._stop_clock(bar, start)
+
+    def _stop_clock(self, bar, start: float) -> None:
         bar.close()
-        self.history.seconds += time.perf_counter() - start
-        if checkpoint_path and self.step > first:
+        self._history.seconds += time.perf_counter() - start
+
+    def _save_point(self, checkpoint_path, callback) -> None:
+        """A checkpoint (when a path is given), then ``callback`` (rank 0)."""
+        if checkpoint_path:
             self._checkpoint(checkpoint_path)
-        if callback and main:
+        if callback and distributed.is_main():
             callback(self)
-        return self.history
 
     def _checkpoint(self, path) -> None:
-        """Rank 0 saves (atomically); then every rank waits for it, so all know the last good file
+        """Every rank reads the loss back (the history up to this step; no NaN run saved), rank 0
+        saves (atomically); then every rank waits for it, so all know the last good file
         (rank 0 knows as soon as its save returns, even if a peer dies at the barrier)."""
+        self.read_back()
         if distributed.is_main():
             self.save(path)
             self.last_checkpoint = (Path(path), self.step)
@@ -426,6 +559,10 @@ class Trainer:
         """Write a checkpoint (atomically); with several processes only rank 0 writes (None elsewhere)."""
         if not distributed.is_main():
             return None
+        if self.diverged_at is not None:
+            raise FloatingPointError(f"not saved to {path}: the training loss became NaN or inf at step "
+                                     f"{self.diverged_at} and the weights have changed since; resume from "
+                                     "the last checkpoint with a lower learning rate")
         return save_checkpoint(path, self.state(include_optimizer))
 
     def resume(self, path, ckpt: dict | None = None) -> "Trainer":
@@ -445,7 +582,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = ckpt["step"]
         self.history = History(**ckpt["history"])
-        self.last_checkpoint, self._stream = (Path(path), self.step), None
+        self.last_checkpoint, self.diverged_at = (Path(path), self.step), None
+        self.source.close()                              # a stream restarts at the resumed step
         return self
 
 

@@ -109,7 +109,7 @@ def test_train_step_is_algorithm_1_by_hand(make_trainer):
     with torch.no_grad():
         expected = (eps - before.train()(xt, t)).pow(2).mean().item()           # line 5's loss
 
-    loss = trainer.train_step()
+    loss = trainer.train_step().item()
     assert loss == pytest.approx(expected, rel=1e-5)
     assert trainer.history.loss == [loss] and trainer.step == 1
     assert not torch.equal(before.conv_in.weight, trainer.model.conv_in.weight)  # a gradient step was taken
@@ -245,8 +245,8 @@ def test_min_snr_weight_scales_each_samples_loss(make_trainer):
         per_sample = loss_simple(weighted.model, weighted.schedule, x0, t, eps, reduction="none")
     snr = weighted.schedule.snr[t]
     expected = (torch.minimum(snr, torch.tensor(2.0)) / snr * per_sample).mean().item()
-    assert weighted.train_step() == pytest.approx(expected, rel=1e-5)
-    assert plain.train_step() == pytest.approx(per_sample.mean().item(), rel=1e-5)
+    assert weighted.train_step().item() == pytest.approx(expected, rel=1e-5)
+    assert plain.train_step().item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
     assert expected < per_sample.mean().item()          # the nearly clean timesteps count less
 
 
@@ -257,27 +257,49 @@ def test_cpu_bf16_autocast_is_opt_in(make_trainer):
     assert not fp32.amp and bf16.amp and bf16.amp_dtype == torch.bfloat16
     seen = []
     hook = bf16.model.conv_in.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    a, b = fp32.train_step(), bf16.train_step()
+    a, b = fp32.train_step().item(), bf16.train_step().item()
     hook.remove()
     assert seen == [torch.bfloat16] and bf16.model.conv_in.weight.dtype == torch.float32
     assert a != b and b == pytest.approx(a, rel=0.05)
 
 
-def test_nan_loss_stops_before_the_weights_change(make_trainer, monkeypatch):
-    """A NaN loss (a diverged network) stops training at that step, before its gradient step:
-    weights, EMA and history stay those of the last good step, so the run can still be saved."""
-    trainer = make_trainer()
-    trainer.fit(steps=2, progress=False)
-    weights = copy.deepcopy(trainer.model.state_dict())
-    ema = copy.deepcopy(trainer.ema.module.state_dict())
+def test_nan_loss_stops_at_the_next_read_back_and_nothing_is_saved_after_it(make_trainer, monkeypatch, tmp_path):
+    """A NaN loss (a diverged network) stops training at the next read-back of the loss (every
+    LOG_EVERY steps and before every save), naming its step; the history keeps the good steps,
+    and the run is not saved any more: the checkpoint on disk stays the last good one."""
+    path = tmp_path / "ck.pt"
+    trainer = make_trainer(steps=40)
+    trainer.fit(steps=2, progress=False, checkpoint_path=path)
+    saved = path.read_bytes()
     forward = trainer.model.forward
     monkeypatch.setattr(trainer.model, "forward", lambda *args: forward(*args) * float("nan"))  # still has a grad
     with pytest.raises(FloatingPointError, match=r"training loss became nan at step 2; lower the learning rate"):
-        trainer.fit(progress=False)
-    assert trainer.step == 2 and len(trainer.history.loss) == 2
-    changed = [n for n, w in trainer.model.state_dict().items() if not torch.equal(w, weights[n])]
-    changed += [f"ema {n}" for n, w in trainer.ema.module.state_dict().items() if not torch.equal(w, ema[n])]
-    assert not changed, f"the NaN step changed the weights (now NaN?): {changed[:4]} and {len(changed) - 4} more"
+        trainer.fit(progress=False, checkpoint_path=path, checkpoint_every=10)
+    assert trainer.step == 10 and len(trainer.history.loss) == 2     # stopped at the read-back before the save
+    assert trainer.diverged_at == 2 and path.read_bytes() == saved
+    with pytest.raises(FloatingPointError, match=f"not saved to {path}: the training loss became NaN or inf at step 2"):
+        trainer.save(path)
+    assert path.read_bytes() == saved
+    trainer.resume(path)                                                 # a resumed run may save again
+    assert trainer.diverged_at is None and trainer.step == 2
+
+
+def test_a_training_step_reads_nothing_back(make_trainer, monkeypatch, tmp_path):
+    """No read-back in a step (on a GPU each waits for the device): the step's loss, t and
+    per-sample losses stay where they are until the losses are read back, every LOG_EVERY steps,
+    before each save, and when the history is read."""
+    trainer = make_trainer(steps=60)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda *a: pytest.fail("a training step called Tensor.tolist"))
+    monkeypatch.setattr(train_module, "finite_loss", lambda *a: pytest.fail("a training step read the loss back"))
+    for _ in range(3):
+        trainer.train_step()
+    assert trainer._history.loss == [] and len(trainer._pending) == 3 and trainer.step == 3
+    monkeypatch.undo()
+    assert len(trainer.history.loss) == 3 and not trainer._pending          # reading the history reads back
+    reads, read_back = [], trainer.read_back
+    monkeypatch.setattr(trainer, "read_back", lambda: reads.append(trainer.step) or read_back())
+    trainer.fit(progress=False, checkpoint_path=tmp_path / "ck.pt", checkpoint_every=40)
+    assert reads == [25, 40, 50, 60, 60] and len(trainer.history.loss) == 60
 
 
 # --- Ctrl-C, and nothing written when nothing ran ---------------------------------------------------
