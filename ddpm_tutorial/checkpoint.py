@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from .checks import load_failure
 from .config import DiffusionConfig, ModelConfig, TrainConfig
 from .outputs import torch_save
 from .schedules import NoiseSchedule
@@ -76,25 +76,12 @@ def load_checkpoint_dict(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, tampered objects
-        raise CheckpointError(f"{path} is not a readable ddpm_tutorial checkpoint ({_load_failure(err)})") from err
+        raise CheckpointError(f"{path} is not a readable ddpm_tutorial checkpoint ({load_failure(err)})") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not a ddpm_tutorial checkpoint (format {found!r}, "
                               f"expected {FORMAT!r})")
     return ckpt
-
-
-def _load_failure(err: Exception) -> str:
-    """torch.load's error in one line. Its own text runs over several lines and advises
-    ``weights_only=False``, which would run whatever code a tampered file holds."""
-    text = str(err)
-    refused = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
-    if refused:
-        return (f"it holds a pickled object, {refused.group(1)}, that weights_only=True refuses to load, so nothing "
-                "in it ran; do not load it with weights_only=False unless you trust where it came from")
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    first = first.split(". ")[0][:160]
-    return f"corrupt, truncated, or not written by torch.save: {type(err).__name__}" + (f": {first}" if first else "")
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

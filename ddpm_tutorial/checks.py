@@ -20,6 +20,7 @@ import functools
 import inspect
 import math
 import numbers
+import re
 import threading
 
 import torch
@@ -112,6 +113,19 @@ def check_number(value, name: str) -> float:
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> [0, 1], clamped, for display and for the metric."""
     return ((x + 1) / 2).clamp(0, 1)
+
+
+def load_failure(err: Exception) -> str:
+    """torch.load's error in one line. Its own text runs over several lines and advises
+    ``weights_only=False``, which would run whatever code a tampered file holds."""
+    text = str(err)
+    refused = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
+    if refused:
+        return (f"it holds a pickled object, {refused.group(1)}, that weights_only=True refuses to load, so nothing "
+                "in it ran; do not load it with weights_only=False unless you trust where it came from")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = first.split(". ")[0][:160]
+    return f"corrupt, truncated, or not written by torch.save: {type(err).__name__}" + (f": {first}" if first else "")
 
 
 # --- the door ------------------------------------------------------------------------------------

@@ -84,10 +84,8 @@ def read_weights(path: str | Path = WEIGHTS) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:   # truncated zip, not a torch file, or objects weights_only refuses
-        # torch's own text runs over lines and advises weights_only=False: keep its first sentence
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "").split(". ")[0][:160]
-        raise RuntimeError(f"classifier weights at {path} are corrupt or not a state_dict "
-                           f"({type(err).__name__}{': ' + first if first else ''}); {_RETRAIN}") from err
+        raise RuntimeError(f"classifier weights at {path} are not a readable state_dict ({checks.load_failure(err)}); "
+                           f"{_RETRAIN}") from err
     if not isinstance(state, dict) or not state or \
             not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         what = type(state).__name__ if not isinstance(state, dict) else "a dict that is not name -> tensor"
@@ -208,11 +206,6 @@ def real_subset(n: int, seed: int = 0, train: bool = False) -> torch.Tensor:
     _check_n(n, len(x), f"images in the {'train' if train else 'test'} split")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     return x[perm[:n]]
-
-
-@functools.lru_cache(maxsize=32)
-def _reference_stats(n: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return feature_stats(real_subset(n, seed), device=device)
 
 
 def _check_n(n, available: int, what: str = "samples") -> int:
