@@ -4,9 +4,11 @@ Prints a markdown table (and JSON with --json); asserts nothing.
     python bench/speed.py                                   # every preset
     python bench/speed.py --presets cpu --seconds 20
     python bench/speed.py --before 9913963 --batch 1 --rounds 6    # that commit's sampling loops against these
+    python bench/speed.py --before 573f600 --methods train ddpm    # and its training loop (Trainer.fit)
 
 Training: images/s through whole Algorithm-1 steps (forward, backward, Adam, EMA) at the preset's
-batch size, with the precision ``Trainer`` picks (fp16 autocast on CUDA, fp32 on the CPU).
+batch size, with the precision ``Trainer`` picks (train.autocast_dtype: on CUDA the preset's
+precision, on the CPU its cpu_precision).
 Sampling: images x network calls per second of the package's own DDIM loop at ``--batch``,
 the loop's bookkeeping included.
 
@@ -67,13 +69,22 @@ def repeat_for(fn, seconds: float, device) -> tuple[int, float, float]:
     return calls, time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def time_training(preset, device, seconds: float) -> float:
-    """Training images per second (random data in [-1, 1]: the speed does not depend on it)."""
+def random_trainer(preset, device):
+    """The preset's Trainer on random images in [-1, 1] (the speed does not depend on them)."""
     from ddpm_tutorial.train import build_trainer
-    data = torch.rand(2048, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    trainer = build_trainer(preset, data, device)
+    cfg = preset.model
+    data = torch.rand(2048, cfg.in_channels, cfg.image_size, cfg.image_size,
+                      generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return build_trainer(preset, data, device)
+
+
+def time_training(preset, device, seconds: float) -> tuple[float, str]:
+    """Training images per second, and the precision the Trainer computes in."""
+    trainer = random_trainer(preset, device)
     calls, elapsed, _ = repeat_for(trainer.train_step, seconds, device)
-    return calls * preset.train.batch_size / elapsed
+    precision = {torch.float16: "fp16 autocast", torch.bfloat16: "bf16 autocast"}[trainer.amp_dtype] \
+        if trainer.amp else "fp32"
+    return calls * preset.train.batch_size / elapsed, precision
 
 
 def time_sampling(preset: str, batch: int, methods: list, steps: int, seconds: float, device) -> dict:
@@ -81,8 +92,10 @@ def time_sampling(preset: str, batch: int, methods: list, steps: int, seconds: f
     "ddim": ``ddim_sample`` with ``steps`` steps; "ddpm": ``ddpm_sample`` (Algorithm 2) on a
     schedule of T = ``steps``, the same work per step as T = 1000; "update": Algorithm 2's update
     alone (``p_sample`` with a fixed eps, no network) at ``steps`` timesteps of T = 1000, where
-    ``extract`` checked its timesteps. Uses no function newer than the commits ``--before``
-    compares, so it runs under either package."""
+    ``extract`` checked its timesteps; "train": ``Trainer.fit`` for ``steps`` more steps (whole
+    Algorithm-1 steps with the loop's bookkeeping: the reading back of losses), in training
+    images per second. Uses no function newer than the commits ``--before`` compares, so it runs
+    under either package."""
     import ddpm_tutorial
     from ddpm_tutorial.config import DiffusionConfig, get_preset
     from ddpm_tutorial.diffusion import p_sample
@@ -93,6 +106,8 @@ def time_sampling(preset: str, batch: int, methods: list, steps: int, seconds: f
     model = UNet(get_preset(preset).model).to(device).eval()
     schedule = NoiseSchedule.from_config(DiffusionConfig()).to(device)
     short = NoiseSchedule.from_config(DiffusionConfig(T=steps)).to(device)     # built once, outside the timing
+    torch.manual_seed(0)          # the same network, for the T it is sampled with (the same work per step)
+    short_model = UNet(get_preset(preset).model, T=steps).to(device).eval()
     x = torch.randn(batch, 1, 28, 28, device=device)
 
     def update():
@@ -100,12 +115,18 @@ def time_sampling(preset: str, batch: int, methods: list, steps: int, seconds: f
             p_sample(schedule, x, torch.full((batch,), i * (1000 // steps), device=device), x, x)
 
     loops = {"ddim": lambda: ddim_sample(model, schedule, batch, steps=steps, device=device, progress=False),
-             "ddpm": lambda: ddpm_sample(model, short, batch, device=device, progress=False),
+             "ddpm": lambda: ddpm_sample(short_model, short, batch, device=device, progress=False),
              "update": update}
+    images = dict.fromkeys(loops, batch)
+    if "train" in methods:
+        trainer = random_trainer(get_preset(preset), device)
+        loops["train"] = lambda: trainer.fit(steps=trainer.step + steps, progress=False)
+        images["train"] = trainer.cfg.batch_size
     rates = {}
     for method in methods:
         calls, wall, cpu = repeat_for(loops[method], seconds, device)
-        rates[method], rates[method + " (CPU time)"] = calls * batch * steps / wall, calls * batch * steps / cpu
+        rates[method], rates[method + " (CPU time)"] = (calls * images[method] * steps / wall,
+                                                        calls * images[method] * steps / cpu)
     return {"rates": rates, "package": os.path.dirname(ddpm_tutorial.__file__)}
 
 
@@ -134,11 +155,12 @@ def compare(args, device) -> dict:
 
 def print_comparison(c: dict) -> None:
     s = c["spec"]
-    print(f"\nSampling speed, package at {c['before']} (before) vs the working tree (after): preset '{s['preset']}', "
+    print(f"\nSpeed, package at {c['before']} (before) vs the working tree (after): preset '{s['preset']}', "
           f"batch {s['batch']}, {s['steps']} steps per call, {len(c['ratios'][s['methods'][0]])} alternated rounds "
           f"of >= {s['seconds']:g} s; '(CPU time)': rates per second of the process's own CPU time")
     common.print_table(
-        ["loop", "before (img·steps/s, median)", "after (median)", "after / before, per round", "median ratio"],
+        ["loop", "before (img·steps/s; train: img/s, median)", "after (median)", "after / before, per round",
+         "median ratio"],
         [[m, f"{statistics.median(r[m] for r in c['rates']['before']):.1f}",
           f"{statistics.median(r[m] for r in c['rates']['after']):.1f}",
           ", ".join(f"{x:.3f}" for x in c["ratios"][m]), f"**{statistics.median(c['ratios'][m]):.3f}**"]
@@ -159,7 +181,7 @@ def main():
     p.add_argument("--batch", type=int, default=64, help="images per sampling call")
     p.add_argument("--steps", type=int, default=10, help="sampling steps per timed call")
     p.add_argument("--before", metavar="REV", help="instead: compare sampling at commit REV with the working tree")
-    p.add_argument("--methods", nargs="+", choices=("ddim", "ddpm", "update"),
+    p.add_argument("--methods", nargs="+", choices=("ddim", "ddpm", "update", "train"),
                    default=["ddim", "ddpm", "update"], help="with --before")
     p.add_argument("--rounds", type=int, default=3, help="with --before: alternated pairs of timings")
     common.add_run_args(p)
@@ -176,10 +198,10 @@ def main():
     for name in args.presets:
         preset = PRESETS[name]
         model = UNet(preset.model)
-        train_rate = time_training(preset, device, args.seconds)
+        train_rate, precision = time_training(preset, device, args.seconds)
         sample_rate = time_sampling(name, args.batch, ["ddim"], args.steps, args.seconds, device)["rates"]["ddim"]
         rows.append({"preset": name, "params": count_parameters(model), "gflop": flops_per_image(model) / 1e9,
-                     "batch": preset.train.batch_size, "precision": "fp16 autocast" if device.type == "cuda" else "fp32",
+                     "batch": preset.train.batch_size, "precision": precision,
                      "train_images_per_s": train_rate, "train_minutes": preset.train.steps * preset.train.batch_size / train_rate / 60,
                      "sample_image_steps_per_s": sample_rate})
         common.log(f"    {name}: train {train_rate:.0f} img/s, sampling {sample_rate:.0f} img·steps/s")

@@ -25,13 +25,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-def pytest_configure(config):
-    for marker in ("browser: drives headless Chromium over the built book",
-                   "book: builds the Jupyter Book",
-                   "slow: takes more than a few seconds"):
-        config.addinivalue_line("markers", marker)
-
-
 # --- small models, data and presets ------------------------------------------------------
 
 TINY = ModelConfig(image_size=8, base_channels=8, channel_mults=(1, 2), groups=4)
@@ -43,20 +36,22 @@ def tiny_config() -> ModelConfig:
     return TINY
 
 
-def random_images(n: int = 32, size: int = 8, seed: int = 0) -> torch.Tensor:
-    """n images (n, 1, size, size) uniform in [-1, 1], seeded."""
-    return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+def random_images(n: int = 32, size: int = 8, seed: int = 0, channels: int = 1) -> torch.Tensor:
+    """The tests' one image factory: n images (n, channels, size, size) uniform in [-1, 1], seeded.
+    (Test modules import it and the tiny preset: ``from conftest import TINY, random_images, small_preset``.)"""
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 @pytest.fixture
 def tiny_images():
-    """Factory: ``tiny_images(n=32, size=8, seed=0)`` -> (n, 1, size, size) in [-1, 1]."""
+    """Factory: ``tiny_images(n=32, size=8, seed=0, channels=1)`` -> (n, channels, size, size) in [-1, 1]."""
     return random_images
 
 
 def small_preset(model: ModelConfig = TINY, T: int = 100, **train) -> Preset:
-    """The quick preset with a tiny model, a short diffusion and a few-step training recipe
-    (``train`` overrides TrainConfig fields): what ``build_trainer`` tests train."""
+    """The tests' one tiny preset: the quick preset with a tiny model, a short diffusion and a
+    few-step training recipe (``train`` overrides TrainConfig fields): what ``build_trainer``
+    tests train, in one process or several (tests/test_distributed.py's workers import it)."""
     recipe = dict(steps=4, batch_size=8, warmup_steps=2, num_t_buckets=5, ema_decay=0.9)
     recipe.update(train)
     return dataclasses.replace(get_preset("quick"), model=model, diffusion=DiffusionConfig(T=T),

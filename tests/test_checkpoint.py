@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ddpm_tutorial.checkpoint as checkpoint
+from conftest import TINY, random_images
 from ddpm_tutorial.checkpoint import (RETIRED_TRAIN_FIELDS, CheckpointError, chapter_model,
                                       configs_from_checkpoint, export_for_sampling, load_checkpoint,
                                       load_checkpoint_dict, load_weights, model_from_checkpoint,
@@ -15,10 +16,10 @@ from ddpm_tutorial.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_tutorial.train import Trainer
 from ddpm_tutorial.unet import UNet
 
-CFG = ModelConfig(image_size=8, base_channels=8, channel_mults=(1, 2), groups=4)
+CFG = TINY
 DIFF = DiffusionConfig(T=50)
 TRAIN = TrainConfig(steps=6, batch_size=8, warmup_steps=2, ema_decay=0.8, num_t_buckets=5, seed=3)
-DATA = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+DATA = random_images(24)
 
 
 def make_trainer(init_seed=0, model_cfg=CFG, diffusion=DIFF):

@@ -20,6 +20,7 @@ import torch
 
 from ddpm_tutorial import distributed
 from ddpm_tutorial.checkpoint import load_checkpoint
+from conftest import random_images, small_preset
 from ddpm_tutorial.train import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,14 +47,8 @@ distributed.cleanup()
 
 
 def tiny_preset():
-    """A U-Net for 8x8 images, T = 100, a global batch of 8, Adam at 1e-3 with warm-up, EMA 0.9."""
-    from ddpm_tutorial.config import DiffusionConfig, ModelConfig, TrainConfig, get_preset
-    import dataclasses
-    return dataclasses.replace(get_preset("quick"),
-                               model=ModelConfig(image_size=8, base_channels=8, channel_mults=(1, 2), groups=4),
-                               diffusion=DiffusionConfig(T=100),
-                               train=TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9,
-                                                 num_t_buckets=5))
+    """The tests' tiny preset (conftest.small_preset), trained 6 steps with Adam at 1e-3."""
+    return small_preset(steps=6, lr=1e-3)
 
 
 def free_port() -> int:
@@ -73,10 +68,6 @@ def torchrun(*args, nproc: int = 2, port: int | None = None, extra=()) -> list:
             "--master_addr=127.0.0.1", f"--master_port={port or free_port()}", *map(str, args)]
 
 
-def images(n: int = 32) -> torch.Tensor:
-    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-
-
 def assert_states(a: dict, b: dict, exact: bool, what: str) -> None:
     for name, x in a.items():
         if exact:
@@ -87,7 +78,7 @@ def assert_states(a: dict, b: dict, exact: bool, what: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_resume_across_world_sizes(tmp_path):
-    data = images()
+    data = random_images()
     torch.save(data, tmp_path / "data.pt")
     one = build_trainer(tiny_preset(), data, device="cpu")              # the reference: 1 process, batch 8
     one.fit(steps=2, progress=False, checkpoint_path=tmp_path / "ck2.pt")

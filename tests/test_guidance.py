@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ddpm_tutorial.data as data
+from conftest import random_images
 from ddpm_tutorial.__main__ import main
 from ddpm_tutorial.checkpoint import load_checkpoint, model_from_checkpoint, shipped_checkpoint_path
 from ddpm_tutorial.config import ModelConfig, TrainConfig
@@ -129,7 +130,7 @@ def test_a_label_per_sample(cond):
 # --- label dropout ----------------------------------------------------------------------------------------
 
 def conditional_trainer(make_preset, tiny_config, p_uncond: float, seed: int = 0, n: int = 64):
-    images = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    images = random_images(n)
     labels = torch.arange(n) % K
     preset = make_preset(model=dataclasses.replace(tiny_config, num_classes=K), batch_size=n,
                          p_uncond=p_uncond, seed=seed)

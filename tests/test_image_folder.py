@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import ddpm_tutorial.image_folder as image_folder_module
+from conftest import random_images
 from ddpm_tutorial.__main__ import main
 from ddpm_tutorial.checkpoint import load_checkpoint
 from ddpm_tutorial.config import TrainConfig, get_preset
@@ -158,7 +159,7 @@ def test_streamed_folder_trains_exactly_like_the_in_memory_tensor(tmp_path, make
 
 
 def test_hflip_mirrors_about_half_the_images(make_preset, tiny_config):
-    data = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    data = random_images(64)
     plain = build_trainer(make_preset(batch_size=64), data, device="cpu").draw_batch()[0]
     flipped = build_trainer(make_preset(batch_size=64, hflip=True), data, device="cpu").draw_batch()[0]
     mirrored = [torch.equal(f, p.flip(-1)) for f, p in zip(flipped, plain)]
