@@ -1,6 +1,6 @@
 """The gpu preset (the Colab T4 target) checked on any machine: its network trains and
 samples on the CPU, its memory at the preset's batch fits a T4's 15 GB (an estimate,
-ddpm_tutorial.memory), and where CUDA exists the fp16 autocast + GradScaler path runs."""
+tests/training_memory.py), and where CUDA exists the fp16 autocast + GradScaler path runs."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from ddpm_tutorial.config import get_preset, preset_name
-from ddpm_tutorial.memory import T4_MEMORY, saved_activation_bytes, training_memory
 from ddpm_tutorial.sampling import ddim_sample
 from ddpm_tutorial.schedules import NoiseSchedule
 from ddpm_tutorial.train import Trainer
 from ddpm_tutorial.unet import UNet
+from training_memory import T4_MEMORY, saved_activation_bytes, training_memory
 
 GPU = get_preset("gpu")
 

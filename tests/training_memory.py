@@ -1,4 +1,5 @@
-"""How much accelerator memory a training run needs: an estimate made on any machine.
+"""How much accelerator memory a training run needs: an estimate made on any machine
+(tests/test_gpu_preset.py checks that the gpu preset fits a Colab T4 with it).
 
 Training with Adam keeps, for every parameter, the fp32 weight, its gradient, Adam's two
 moments (exp_avg, exp_avg_sq) and the EMA copy of the weight: 5 x 4 bytes. On top come
