@@ -189,11 +189,45 @@ def _load_images(args, preset, main: bool):
 
 def _train(args) -> None:
     from . import distributed
-    from .data import CLASSES, load_fashion_mnist
-    from .outputs import check_outputs
     from .runinfo import hardware_summary
-    from .train import build_trainer, check_global_batch, resume_trainer
+    from .train import build_trainer, resume_trainer
 
+    ckpt, preset, train_cfg, out = _preflight(args)    # 1. every check that needs no data
+    args.signals.watch = out
+    ctx = distributed.init(log=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        say = print if ctx.rank == 0 else (lambda *a, **k: None)
+        say(f"preset {preset.name}" + (f" (resumed from {args.resume} at step {ckpt['step']})" if ckpt else "")
+            + f" on {hardware_summary(ctx.device)}"
+            + (f", {ctx.world_size} processes ({ctx.backend}), {train_cfg.batch_size // ctx.world_size} images "
+               f"each of a global batch of {train_cfg.batch_size}" if ctx.world_size > 1 else "")
+            + f"; checkpoint -> {out}")
+        with distributed.local_main_first():      # 2. the data (one process per machine fills the cache first)
+            data, labels, classes, preset = _training_data(args, preset, ckpt, train_cfg, ctx.rank == 0)
+        labels = labels if preset.model.num_classes else None
+        if ckpt:                                    # 3. the trainer: resumed, or new from the preset
+            trainer = resume_trainer(args.resume, data, train_cfg.steps, device=ctx.device, labels=labels,
+                                     loader_workers=args.workers, precision=args.precision, ckpt=ckpt)
+        else:
+            trainer = build_trainer(preset, data, device=ctx.device, train=train_cfg, loader_workers=args.workers,
+                                    labels=labels)
+        named = preset.model.num_classes and len(classes) == preset.model.num_classes
+        trainer.meta = {"preset": preset.name, **({"classes": list(classes)} if named else {})}
+        _fit(trainer, args, out, say, resumed_here=ckpt is not None and _same_path(args.resume, out))   # 4. train
+    finally:
+        distributed.cleanup()
+
+
+def _same_path(a, b) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _preflight(args):
+    """(checkpoint or None, preset, train config, out) after every check that reads no data:
+    the flags, the checkpoint to resume (read once), --out, the global batch, the memory."""
+    from . import distributed
+    from .outputs import check_outputs
+    from .train import check_global_batch
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "subset", "precision")
                  if getattr(args, k) is not None}
     if args.flip:
@@ -203,55 +237,40 @@ def _train(args) -> None:
     world = distributed.world_size_from_env()
     ckpt, preset, train_cfg = _resumed(args, overrides) if args.resume else _new_run(args, overrides)
     out = Path(args.out or args.resume or f"runs/{preset.name}.pt")
-    in_place = bool(args.resume) and Path(args.resume).resolve() == out.resolve()
+    in_place = bool(args.resume) and _same_path(args.resume, out)
     check_outputs({"--out": out}, inputs={"--resume": None if in_place else args.resume},
                   force=args.force or in_place, examples={"--out": "model.pt"},
                   sizes={"--out": _checkpoint_bytes(preset.model)},
                   exists_hint=f"pass --force to overwrite it, --resume {out} to continue training it, "
                               "or choose another --out")
-    check_global_batch(train_cfg.batch_size, world)            # before any loading
+    check_global_batch(train_cfg.batch_size, world)
     model_cfg = preset.model if not args.images or args.resume else dataclasses.replace(
         preset.model, image_size=args.image_size or preset.model.image_size, in_channels=args.channels or 3)
     _check_memory(lambda b: _training_bytes(model_cfg, b // world), train_cfg.batch_size, "--batch-size",
                   f"train at {model_cfg.image_size}x{model_cfg.image_size} px", "a smaller --image-size")
-    args.signals.watch = out
-    ctx = distributed.init(log=lambda line: print(line, file=sys.stderr, flush=True))
-    try:
-        main = ctx.rank == 0
-        say = print if main else (lambda *a, **k: None)
-        say(f"preset {preset.name}" + (f" (resumed from {args.resume} at step {ckpt['step']})" if ckpt else "")
-            + f" on {hardware_summary(ctx.device)}"
-            + (f", {ctx.world_size} processes ({ctx.backend}), {train_cfg.batch_size // ctx.world_size} images "
-               f"each of a global batch of {train_cfg.batch_size}" if ctx.world_size > 1 else "")
-            + f"; checkpoint -> {out}")
-        classes = ckpt.get("classes") if ckpt else None
-        with distributed.local_main_first():      # one process per machine fills the data cache first
-            if args.images:
-                data, labels, folder_classes, model_cfg = _load_images(args, preset, main)
-                preset = dataclasses.replace(preset, model=model_cfg)
-                if classes and model_cfg.num_classes and tuple(folder_classes) != tuple(classes):
-                    raise ValueError(f"{args.resume} was trained on the classes {', '.join(classes)}; the subfolders "
-                                     f"of {args.images} are {', '.join(folder_classes) or 'none'}: resume on the "
-                                     "folder it was trained on")
-                classes = classes or folder_classes
-            else:
-                data, labels = load_fashion_mnist(train=True, subset=train_cfg.subset, root=args.data)
-                classes = classes or CLASSES
-        if len(data) < train_cfg.batch_size:
-            raise ValueError(f"--batch-size {train_cfg.batch_size} is larger than the {len(data)} training images: "
-                             f"give --batch-size {len(data)} or less, or more images")
-        labels = labels if preset.model.num_classes else None
-        if ckpt:
-            trainer = resume_trainer(args.resume, data, train_cfg.steps, device=ctx.device, labels=labels,
-                                     loader_workers=args.workers, precision=args.precision, ckpt=ckpt)
-        else:
-            trainer = build_trainer(preset, data, device=ctx.device, train=train_cfg, loader_workers=args.workers,
-                                    labels=labels)
-        trainer.meta = {"preset": preset.name, **({"classes": list(classes)[:preset.model.num_classes]}
-                                                  if preset.model.num_classes and classes else {})}
-        _fit(trainer, args, out, say, resumed_here=in_place)
-    finally:
-        distributed.cleanup()
+    return ckpt, preset, train_cfg, out
+
+
+def _training_data(args, preset, ckpt, train_cfg, main: bool):
+    """(data, labels, class names, preset with the data's model) for this run: your --images,
+    or Fashion-MNIST; a resumed run's class names must be the folder's."""
+    from .data import CLASSES, load_fashion_mnist
+    classes = ckpt.get("classes") if ckpt else None
+    if args.images:
+        data, labels, folder_classes, model_cfg = _load_images(args, preset, main)
+        preset = dataclasses.replace(preset, model=model_cfg)
+        if classes and model_cfg.num_classes and tuple(folder_classes) != tuple(classes):
+            raise ValueError(f"{args.resume} was trained on the classes {', '.join(classes)}; the subfolders of "
+                             f"{args.images} are {', '.join(folder_classes) or 'none'}: resume on the folder it "
+                             "was trained on")
+        classes = classes or folder_classes
+    else:
+        data, labels = load_fashion_mnist(train=True, subset=train_cfg.subset, root=args.data)
+        classes = classes or CLASSES
+    if len(data) < train_cfg.batch_size:
+        raise ValueError(f"--batch-size {train_cfg.batch_size} is larger than the {len(data)} training images: "
+                         f"give --batch-size {len(data)} or less, or more images")
+    return data, labels, classes, preset
 
 
 def _fit(trainer, args, out: Path, say, resumed_here: bool) -> None:
