@@ -243,7 +243,7 @@ PRESETS = {
         description="CI smoke run: outputs are meaningless, only that every cell runs",
         n_samples=8, n_metric=64, n_metric_slow=8, n_bootstrap=20, ddim_steps=10, ddim_sweep=(5, 10),
         eta_sweep=(0.0, 1.0), n_chains=256, slider_frames=11, guidance_scales=(0.0, 2.0)),
-    # A laptop CPU: about 15 minutes of training on 2 cores. Tuned at that budget with
+    # A CPU: chapter 4's training measured at 14.6 minutes on 2 idle cores. Tuned at that budget with
     # bench/quality.py (book/results.md): 32 channels at 14x14 instead of 64 cost nothing in
     # quality and buy 1.4x more steps.
     "cpu": Preset(
@@ -254,7 +254,7 @@ PRESETS = {
                                 train=_CPU_TRAIN, seeds=(0, 1, 2), n_samples=500, ddim_steps=25),
         description="3,800 steps of batch 32 on the CPU; measured: 14.6 min on 2 idle cores, 20.7 min on 1 "
                     "shared core (2-core AMD EPYC VMs)"),
-    # A Colab T4: about 10 minutes of training (an estimate: see book/results.md).
+    # A Colab T4: 6-10 minutes of training by an estimate from the FLOPs (never measured: book/results.md).
     "gpu": Preset(
         "gpu",
         model=ModelConfig(base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2, attention=True),
