@@ -136,21 +136,21 @@ def _canonical(key: dict, types: dict | None = None) -> dict:
         if isinstance(value, dict) and dataclasses.is_dataclass(cls):
             hints = typing.get_type_hints(cls)
             nested = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-            defaults = {f.name: _plain(f.default) for f in dataclasses.fields(cls)
+            defaults = {f.name: as_stored(f.default) for f in dataclasses.fields(cls)
                         if f.default is not dataclasses.MISSING}
             value = _canonical(value, nested)
             out[name] = {k: v for k, v in value.items() if k not in defaults or v != defaults[k]}
         else:
-            out[name] = _plain(value)
+            out[name] = as_stored(value)
     return out
 
 
-def _plain(obj):
+def as_stored(obj):
     """Dataclass dicts as stored by torch.save(weights_only): tuples become lists."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: as_stored(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [as_stored(v) for v in obj]
     return obj
 
 

@@ -177,7 +177,7 @@ def test_cache_key_ignores_fields_at_their_default_so_new_fields_keep_old_runs()
     at a non-default value aside) matches when only defaults differ, and not when a value does."""
     preset = get_preset("cpu")
     key = ablation.cache_key(preset)
-    stored = ablation._plain({"ablation": {k: v for k, v in dataclasses.asdict(preset.ablation).items()
+    stored = ablation.as_stored({"ablation": {k: v for k, v in dataclasses.asdict(preset.ablation).items()
                                            if k not in ("seeds", "variants")},
                               "diffusion": dataclasses.asdict(preset.diffusion)})
     assert ablation._canonical(stored) == key

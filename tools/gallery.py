@@ -45,7 +45,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ddpm_tutorial import diffusion, metrics, sampling  # noqa: E402
+from ddpm_tutorial import ablation, diffusion, metrics, sampling  # noqa: E402
 from ddpm_tutorial.checkpoint import load_checkpoint_dict, model_from_checkpoint, save_checkpoint  # noqa: E402
 from ddpm_tutorial.config import DiffusionConfig, ModelConfig, TrainConfig, get_preset, is_quick  # noqa: E402
 from ddpm_tutorial.data import load_fashion_mnist, to_unit  # noqa: E402
@@ -289,16 +289,8 @@ class Cache:
         return self.items[name]
 
 
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
 def cache_key(settings: Settings) -> dict:
-    return _plain(dataclasses.asdict(settings))
+    return ablation.as_stored(dataclasses.asdict(settings))
 
 
 def x_T_of(settings: Settings, n: int, seed: int) -> torch.Tensor:
