@@ -244,6 +244,32 @@ def test_a_second_ctrl_c_during_the_save_exits_130_without_a_traceback(work, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stderr.txt"]      # no checkpoint, no temporary file
 
 
+def test_sigterm_while_sampling_writes_nothing_and_exits_143(work, tmp_path):
+    """SIGTERM during `sample` (a job scheduler's time limit): neither output exists afterwards,
+    complete or partial, no temporary file is left, one line says why, exit 143."""
+    (tmp_path / "good.pt").write_bytes((work / "good.pt").read_bytes())
+    err_file = tmp_path / "stderr.txt"
+    with open(err_file, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ddpm_tutorial", "sample", "--checkpoint", "good.pt",
+                                 "--n", "256", "--png", "s.png", "--tensor", "s.pt"], cwd=tmp_path,
+                                env=cli_env(work / "cache"), stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + 150
+            while not re.search(r"\| *[1-9]\d*/\d+ \[", err_file.read_text()):   # a step has finished
+                assert proc.poll() is None, f"sampling ended early: {err_file.read_text()}"
+                assert time.monotonic() < deadline, f"sampling did not start: {err_file.read_text()}"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            stdout, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = err_file.read_text()
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "terminated (SIGTERM)" and not stdout.startswith("wrote"), stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.pt", "stderr.txt"]
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
