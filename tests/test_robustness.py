@@ -186,22 +186,30 @@ def _interrupted_run(work, tmp_path, signals, slow_save=False):
         start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
                  + (SLOW_SAVE if slow_save else "")
                  + f"sys.argv = ['ddpm_tutorial', *{args!r}]; runpy.run_module('ddpm_tutorial', run_name='__main__')")
-        proc = subprocess.Popen([sys.executable, "-c", start], cwd=tmp_path, env=cli_env(work / "cache"),
-                                stdout=subprocess.PIPE, stderr=err, text=True)
-        try:
-            # tqdm redraws the bar at most every 2 s; a count >= 1 means a step has finished
-            for sig, ready in zip(signals, [r"\| *[1-9]\d*/100000 \[", *["SAVING"] * (len(signals) - 1)]):
-                deadline = time.monotonic() + 150
-                while not re.search(ready, err_file.read_text()):
-                    assert proc.poll() is None, f"training ended early: {err_file.read_text()}"
-                    assert time.monotonic() < deadline, f"training did not get there: {err_file.read_text()}"
-                    time.sleep(0.2)
-                proc.send_signal(sig)
-            stdout, _ = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    return proc.returncode, stdout, err_file.read_text(), out
+        # tqdm redraws the bar at most every 2 s; a count >= 1 means a step has finished
+        returncode, stdout = _signal_when([sys.executable, "-c", start], tmp_path, work, err, err_file,
+                                          zip(signals, [r"\| *[1-9]\d*/100000 \[", *["SAVING"] * (len(signals) - 1)]))
+    return returncode, stdout, err_file.read_text(), out
+
+
+def _signal_when(command, cwd, work, err, err_file, plan) -> tuple:
+    """Run ``command`` with stderr to ``err`` and, for each (signal, pattern) of ``plan`` in turn, send the
+    signal once the pattern appears in ``err_file``; returns (exit code, stdout)."""
+    proc = subprocess.Popen(command, cwd=cwd, env=cli_env(work / "cache"), stdout=subprocess.PIPE, stderr=err,
+                            text=True)
+    try:
+        for sig, ready in plan:
+            deadline = time.monotonic() + 150
+            while not re.search(ready, err_file.read_text()):
+                assert proc.poll() is None, f"the command ended early: {err_file.read_text()}"
+                assert time.monotonic() < deadline, f"the command did not get there: {err_file.read_text()}"
+                time.sleep(0.2)
+            proc.send_signal(sig)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, stdout
 
 
 @pytest.mark.parametrize("sig, code, last_line", [(signal.SIGINT, 130, "interrupted"),
@@ -250,22 +258,12 @@ def test_sigterm_while_sampling_writes_nothing_and_exits_143(work, tmp_path):
     (tmp_path / "good.pt").write_bytes((work / "good.pt").read_bytes())
     err_file = tmp_path / "stderr.txt"
     with open(err_file, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "ddpm_tutorial", "sample", "--checkpoint", "good.pt",
-                                 "--n", "256", "--png", "s.png", "--tensor", "s.pt"], cwd=tmp_path,
-                                env=cli_env(work / "cache"), stdout=subprocess.PIPE, stderr=err, text=True)
-        try:
-            deadline = time.monotonic() + 150
-            while not re.search(r"\| *[1-9]\d*/\d+ \[", err_file.read_text()):   # a step has finished
-                assert proc.poll() is None, f"sampling ended early: {err_file.read_text()}"
-                assert time.monotonic() < deadline, f"sampling did not start: {err_file.read_text()}"
-                time.sleep(0.2)
-            proc.send_signal(signal.SIGTERM)
-            stdout, _ = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        returncode, stdout = _signal_when(
+            [sys.executable, "-m", "ddpm_tutorial", "sample", "--checkpoint", "good.pt", "--n", "256",
+             "--png", "s.png", "--tensor", "s.pt"], tmp_path, work, err, err_file,
+            [(signal.SIGTERM, r"\| *[1-9]\d*/\d+ \[")])                          # once a step has finished
     stderr = err_file.read_text()
-    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
+    assert returncode == 143 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "terminated (SIGTERM)" and not stdout.startswith("wrote"), stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.pt", "stderr.txt"]
 
