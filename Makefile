@@ -31,12 +31,14 @@ book: $(VENV)/.installed node_modules/.package-lock.json
 	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
 	@echo "Book built: open _build/html/index.html"
 
+# --dist loadgroup: a chapter's execution and the tests that reuse its runs/ go to one worker, in
+# order (tests/conftest.py); every other test goes to whichever worker is free.
 test: $(VENV)/.installed node_modules/.package-lock.json
-	DDPM_QUICK=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --nbmake --nbmake-timeout=900 \
+	DDPM_QUICK=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --nbmake --nbmake-timeout=900 \
 		--durations=15 tests notebooks
 
 test-fast: $(VENV)/.installed
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) -m "not book and not browser and not colab" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not book and not browser and not colab" tests
 
 # Execute every chapter in its full preset (cpu or gpu by hardware) and keep the outputs.
 notebooks-full: $(VENV)/.installed

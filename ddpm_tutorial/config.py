@@ -241,7 +241,7 @@ PRESETS = {
                               ema_decay=0.9, subset=512),
             seeds=(0, 1), n_samples=32, ddim_steps=5),
         description="CI smoke run: outputs are meaningless, only that every cell runs",
-        n_samples=8, n_metric=64, n_metric_slow=8, n_bootstrap=20, ddim_steps=10, ddim_sweep=(5, 10),
+        n_samples=8, n_metric=32, n_metric_slow=8, n_bootstrap=20, ddim_steps=10, ddim_sweep=(5, 10),
         eta_sweep=(0.0, 1.0), n_chains=256, slider_frames=11, guidance_scales=(0.0, 2.0)),
     # A CPU: chapter 4's training measured at 14.6 minutes on 2 idle cores. Tuned at that budget with
     # bench/quality.py (book/results.md): 32 channels at 14x14 instead of 64 cost nothing in

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 import torch
 from filelock import FileLock
@@ -181,3 +182,76 @@ def built_book(book_build):
     if code != 0:
         pytest.fail(f"jupyter-book build failed (exit {code}):\n{output[-4000:]}")
     return html
+
+
+# --- the chapters' executions: who reuses whose runs/ ----------------------------------------
+# A chapter keeps what it made under runs/ next to it (chapter 4's checkpoint, sample sets, the
+# ablation's runs), and reads it back rather than making it again: chapters that sample from
+# chapter 4's model (``chapter_model``) load runs/04_training_quick.pt, and each practice
+# notebook (tests/test_practice.py) runs its cells in the chapters' folder. So a chapter's
+# execution (nbmake) comes before the practice test of that chapter, and chapter 4's before
+# those of the chapters that sample from it: in collection order (below), and on one xdist
+# worker as one unit of work, longest first (``--dist loadgroup``, as `make test` runs; the
+# scheduler below, since xdist's own groups do not reach pytest 9's node ids). What any of these
+# tests proves does not depend on the order: only how much is computed twice.
+
+def _code(path: Path) -> str:
+    return "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+
+
+def execution_chains(chapters: list[Path]) -> dict[str, str]:
+    """{chapter stem: the stem of the chapter whose runs/ it reads}: itself, or the chapter that
+    writes the reader's checkpoint (``reader_checkpoint_path``) for those that load it
+    (``chapter_model``)."""
+    code = {p.stem: _code(p) for p in chapters}
+    writer = next((s for s, text in code.items() if "reader_checkpoint_path(" in text), None)
+    return {s: writer if writer and "chapter_model(" in text else s for s, text in code.items()}
+
+
+PRACTICE_TEST = "tests/test_practice.py::test_practice_notebook_stops_at_its_first_blank["
+
+
+def chapter_of(nodeid: str) -> tuple[str, int] | None:
+    """(chapter stem, 0 for the chapter's execution or 1 for its practice notebook's), or None."""
+    if nodeid.startswith("notebooks/") and nodeid.endswith(".ipynb"):
+        return Path(nodeid.split("::")[0]).stem, 0
+    if nodeid.startswith(PRACTICE_TEST):
+        return nodeid[len(PRACTICE_TEST):].split("]")[0], 1
+    return None
+
+
+def _chains() -> dict[str, str]:
+    return execution_chains(sorted((ROOT / "notebooks").glob("*.ipynb")))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    chains = _chains()
+    keyed = {}
+    for item in items:
+        found = chapter_of(item.nodeid)
+        if found and found[0] in chains:
+            keyed[item] = (chains[found[0]], found[1], found[0])
+    chained = sorted(keyed, key=keyed.get)       # per chain: executions in chapter order, then practice
+    items[:] = chained + [item for item in items if item not in keyed]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    chains = _chains()
+
+    class ChainScheduling(LoadGroupScheduling):
+        """Each chain of executions is one unit of work, run in collection order on one worker;
+        every other test is a unit of its own (or of its xdist_group). Units with the most tests
+        go first (xdist's reordering), which puts the longest chains first."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            found = chapter_of(nodeid)
+            if found and found[0] in chains:
+                return f"runs-{chains[found[0]]}"
+            return super()._split_scope(nodeid)
+
+    return ChainScheduling(config, log)

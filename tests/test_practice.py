@@ -7,6 +7,11 @@ putting the chapter's solutions back into its blanks gives the chapter's cells a
 no solution, no marker and no output; and, executed in quick mode, it runs up to its first
 blank and stops there with NotImplementedError (in the blank, or in the check that calls what the
 blank leaves unwritten), where the chapter's own cells run.
+
+The practice notebooks run in the chapters' folder, notebooks/: the cells before a first blank are
+the chapter's own (test_solutions_put_back_give_the_chapter), so they read back what the chapter's
+execution left in runs/ (chapter 4's checkpoint, sample sets, the ablation's runs) instead of making
+it again; tests/conftest.py runs each chapter before its practice notebook on one worker.
 """
 from __future__ import annotations
 
@@ -118,7 +123,8 @@ def _outside_regions(source: str) -> str:
 @pytest.fixture(scope="module")
 def kernel():
     """One quick-mode kernel for all the chapters of this module (a fresh kernel per chapter
-    would cost seconds each): each test starts by clearing its namespace."""
+    would cost seconds each): each test starts by clearing its namespace. It works in the
+    chapters' folder, where their runs/ are (see the module's docstring)."""
     import os
 
     from nbclient import NotebookClient
@@ -126,7 +132,7 @@ def kernel():
     saved = {k: os.environ.get(k) for k in ("DDPM_QUICK", "MPLBACKEND")}
     os.environ.update(DDPM_QUICK="1", MPLBACKEND="Agg")     # the kernel inherits them at start
     client = NotebookClient(nbformat.v4.new_notebook(), timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT / "practice")}})
+                            resources={"metadata": {"path": str(ROOT / "notebooks")}})
     try:
         with client.setup_kernel():
             yield client
@@ -243,3 +249,34 @@ def test_check_mode_reports_a_stale_practice_notebook(tmp_path, monkeypatch, cap
     nbformat.write(nb, chapter)
     assert make_practice.main(["--check", str(chapter)]) == 1
     assert "stale or missing" in capsys.readouterr().err
+
+
+# --- the order tests/conftest.py gives the executions ------------------------------------------------
+
+
+def test_practice_tests_follow_the_execution_whose_runs_they_read():
+    from conftest import _chains, chapter_of
+    chains = _chains()
+    assert chains["05_sampling"] == chains["06_fast_sampling"] == "04_training"     # they load its checkpoint
+    assert chains["07_skip_connection_ablation"] == "07_skip_connection_ablation"  # its own ablation runs
+    assert chapter_of("notebooks/06_fast_sampling.ipynb::06_fast_sampling.ipynb") == ("06_fast_sampling", 0)
+    assert chapter_of("tests/test_practice.py::test_practice_notebook_stops_at_its_first_blank[06_fast_sampling]") \
+        == ("06_fast_sampling", 1)
+    assert chapter_of("tests/test_cli.py::test_train_writes_a_checkpoint") is None
+
+
+def test_collection_puts_each_chain_in_order(request):
+    """In this run's collection, every chapter's execution comes before the practice tests that read its
+    runs/ (chapter 4's before chapters 5 and 6, and theirs before their practice notebooks)."""
+    from conftest import _chains, chapter_of
+    chains = _chains()
+    position = {}
+    for i, item in enumerate(request.session.items):
+        found = chapter_of(item.nodeid)
+        if found:
+            position[found] = i
+    for (stem, kind), i in position.items():
+        if kind == 1 and (chains[stem], 0) in position:
+            assert position[chains[stem], 0] < i, f"practice {stem} runs before the execution of {chains[stem]}"
+        if kind == 1 and (stem, 0) in position:
+            assert position[stem, 0] < i, f"practice {stem} runs before its chapter's execution"
