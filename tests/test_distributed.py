@@ -274,6 +274,29 @@ def test_every_environment_variable_is_checked(tmp_path, monkeypatch, capsys, va
     assert not torch.distributed.is_initialized() and not (tmp_path / "x.pt").exists()
 
 
+def test_a_master_port_in_use_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    """Rank 0 started by hand on a port another program listens on: one line naming the port and
+    what to do, at once (not after the join timeout), and nothing written."""
+    from ddpm_tutorial.__main__ import main
+    for name in ("LOCAL_RANK", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                            "DDPM_JOIN_TIMEOUT": "20"}.items():
+            monkeypatch.setenv(name, value)
+        start = time.monotonic()
+        assert main(["train", "--preset", "quick", "--images", str(tmp_path), "--batch-size", "8",
+                     "--out", str(tmp_path / "x.pt")]) == 1
+        elapsed = time.monotonic() - start
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"error: rank 0 of 2: MASTER_PORT={port} is already in use on 127.0.0.1: choose another port", err
+    assert elapsed < 10, f"took {elapsed:.0f} s: the busy port should be reported at once, not after the join timeout"
+    assert not torch.distributed.is_initialized() and not (tmp_path / "x.pt").exists()
+
+
 HAND_STARTED = '''
 from ddpm_tutorial import distributed
 ctx = distributed.init("cpu")
