@@ -475,6 +475,60 @@ def test_disk_full_while_training_says_what_to_resume(small_disk, work, monkeypa
     assert load_checkpoint(out)["step"] == 1 and sorted(p.name for p in disk.iterdir()) == ["x.pt"]
 
 
+def test_a_disk_that_fills_while_sample_writes_says_what_is_left(small_disk, work, monkeypatch, capsys):
+    """Room for the outputs when `sample` checks, gone while it writes them (another program filled
+    the disk meanwhile): one line, exit 1, saying what is left. The earlier PNG that --force would
+    replace is still whole; a PNG written before the tensor ran out of room is said to be written;
+    no temporary file."""
+    import matplotlib.pyplot as plt
+
+    from ddpm_tutorial.__main__ import main
+    disk = small_disk(512)
+    filler = disk / "other-program.bin"
+
+    def filling(real):
+        def write_on_a_filling_disk(*args, **kwargs):
+            with open(filler, "wb") as f:                 # takes every free byte
+                try:
+                    while True:
+                        f.write(b"\0" * 4096)
+                except OSError:
+                    pass
+            return real(*args, **kwargs)
+        return write_on_a_filling_disk
+
+    def error_line() -> str:
+        lines = capsys.readouterr().err.strip().splitlines()
+        errors = [line for line in lines if line.startswith("error")]
+        assert errors == lines[-1:], lines                # progress bars above, then one error line
+        return lines[-1]
+
+    again = "; free some space, or choose another path, and sample again (the same --seed gives the same images)"
+    old = disk / "grid.png"
+    old.write_bytes(b"an earlier grid")
+    with monkeypatch.context() as m:
+        m.setattr(plt, "imsave", filling(plt.imsave))
+        assert main(["sample", "--checkpoint", str(work / "good.pt"), "--n", "4", "--ddim-steps", "2",
+                     "--png", str(old), "--force"]) == 1
+    line = error_line()
+    assert line.startswith(f"error: disk full: cannot write {old} (") and \
+        line.endswith(f"); {old} still holds its previous contents{again}"), line
+    assert old.read_bytes() == b"an earlier grid"
+    assert sorted(p.name for p in disk.iterdir()) == ["grid.png", filler.name]     # no temporary file
+
+    filler.unlink()
+    new_png, tensor = disk / "new.png", disk / "samples.pt"
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", filling(torch.save))
+        assert main(["sample", "--checkpoint", str(work / "good.pt"), "--n", "4", "--ddim-steps", "2",
+                     "--png", str(new_png), "--tensor", str(tensor)]) == 1
+    line = error_line()
+    assert line.startswith(f"error: disk full: cannot write {tensor} (") and \
+        line.endswith(f"); {tensor} was not written ({new_png} written){again}"), line
+    assert new_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not tensor.exists()
+    assert sorted(p.name for p in disk.iterdir()) == ["grid.png", "new.png", filler.name]
+
+
 def test_a_read_only_folder_is_refused_with_what_to_do(small_disk, work, capsys):
     from ddpm_tutorial.__main__ import main
     disk = small_disk(64, read_only=True)
