@@ -142,13 +142,15 @@ def export_files(model_path, json_path, checkpoint=None, opset: int = OPSET, cla
     info = {**schedule_coefficients(schedule), **classes, "checkpoint": ckpt_path.name,   # refuses v before
             "checkpoint_sha256": file_sha256(ckpt_path), "checkpoint_step": int(ckpt.get("step", 0)),  # writing
             "image_size": model.config.image_size, "in_channels": model.config.in_channels}
+    kept = "still holds its previous contents" if Path(json_path).exists() else "was not written"
     export_onnx(model, model_path, opset=opset)
-    _write_json(json_path, info)
+    _write_json(json_path, info, left=f"{json_path} {kept}, while {model_path} was written: the two belong "
+                                      "together, so free some space and export again")
     return info
 
 
-def _write_json(path, info: dict) -> None:
-    write_file(path, lambda f: f.write(json.dumps(info, separators=(",", ":")).encode()))
+def _write_json(path, info: dict, left: str | None = None) -> None:
+    write_file(path, lambda f: f.write(json.dumps(info, separators=(",", ":")).encode()), left=left)
 
 
 def export_key(checkpoint=None) -> str:

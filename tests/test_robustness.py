@@ -7,6 +7,7 @@ book/troubleshooting.md lists the same cases for the reader: error message -> ca
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import signal
@@ -475,6 +476,27 @@ def test_disk_full_while_training_says_what_to_resume(small_disk, work, monkeypa
     assert load_checkpoint(out)["step"] == 1 and sorted(p.name for p in disk.iterdir()) == ["x.pt"]
 
 
+def filling_the_disk(filler: Path, real):
+    """``real`` wrapped to first fill the disk with ``filler`` (another program taking every free
+    byte between a command's size check and its write)."""
+    def write_on_a_filling_disk(*args, **kwargs):
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        return real(*args, **kwargs)
+    return write_on_a_filling_disk
+
+
+def one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error")]
+    assert errors == lines[-1:], lines                    # progress bars above, then one error line
+    return lines[-1]
+
+
 def test_a_disk_that_fills_while_sample_writes_says_what_is_left(small_disk, work, monkeypatch, capsys):
     """Room for the outputs when `sample` checks, gone while it writes them (another program filled
     the disk meanwhile): one line, exit 1, saying what is left. The earlier PNG that --force would
@@ -485,23 +507,7 @@ def test_a_disk_that_fills_while_sample_writes_says_what_is_left(small_disk, wor
     from ddpm_tutorial.__main__ import main
     disk = small_disk(512)
     filler = disk / "other-program.bin"
-
-    def filling(real):
-        def write_on_a_filling_disk(*args, **kwargs):
-            with open(filler, "wb") as f:                 # takes every free byte
-                try:
-                    while True:
-                        f.write(b"\0" * 4096)
-                except OSError:
-                    pass
-            return real(*args, **kwargs)
-        return write_on_a_filling_disk
-
-    def error_line() -> str:
-        lines = capsys.readouterr().err.strip().splitlines()
-        errors = [line for line in lines if line.startswith("error")]
-        assert errors == lines[-1:], lines                # progress bars above, then one error line
-        return lines[-1]
+    filling = functools.partial(filling_the_disk, filler)
 
     again = "; free some space, or choose another path, and sample again (the same --seed gives the same images)"
     old = disk / "grid.png"
@@ -510,7 +516,7 @@ def test_a_disk_that_fills_while_sample_writes_says_what_is_left(small_disk, wor
         m.setattr(plt, "imsave", filling(plt.imsave))
         assert main(["sample", "--checkpoint", str(work / "good.pt"), "--n", "4", "--ddim-steps", "2",
                      "--png", str(old), "--force"]) == 1
-    line = error_line()
+    line = one_error_line(capsys)
     assert line.startswith(f"error: disk full: cannot write {old} (") and \
         line.endswith(f"); {old} still holds its previous contents{again}"), line
     assert old.read_bytes() == b"an earlier grid"
@@ -522,11 +528,30 @@ def test_a_disk_that_fills_while_sample_writes_says_what_is_left(small_disk, wor
         m.setattr(torch, "save", filling(torch.save))
         assert main(["sample", "--checkpoint", str(work / "good.pt"), "--n", "4", "--ddim-steps", "2",
                      "--png", str(new_png), "--tensor", str(tensor)]) == 1
-    line = error_line()
+    line = one_error_line(capsys)
     assert line.startswith(f"error: disk full: cannot write {tensor} (") and \
         line.endswith(f"); {tensor} was not written ({new_png} written){again}"), line
     assert new_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not tensor.exists()
     assert sorted(p.name for p in disk.iterdir()) == ["grid.png", "new.png", filler.name]
+
+
+def test_a_disk_that_fills_before_the_export_json_says_the_onnx_was_written(small_disk, work, monkeypatch,
+                                                                           capsys):
+    """export-onnx writes the network, then the JSON that belongs to it; a disk that fills between
+    the two: one line saying the ONNX file was written and the JSON not, so export again."""
+    import json
+
+    from ddpm_tutorial.__main__ import main
+    disk = small_disk(8192)
+    filler, onnx, info = disk / "other-program.bin", disk / "m.onnx", disk / "m.json"
+    monkeypatch.setattr(json, "dumps", filling_the_disk(filler, json.dumps))
+    assert main(["export-onnx", "--checkpoint", str(work / "good.pt"), "--out", str(onnx),
+                 "--schedule-json", str(info)]) == 1
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: disk full: cannot write {info} (") and line.endswith(
+        f"); {info} was not written, while {onnx} was written: the two belong together, so free some space and "
+        "export again"), line
+    assert onnx.stat().st_size > 0 and sorted(p.name for p in disk.iterdir()) == ["m.onnx", filler.name]
 
 
 def test_a_read_only_folder_is_refused_with_what_to_do(small_disk, work, capsys):
