@@ -236,6 +236,7 @@ def pytest_collection_modifyitems(config, items):
     items[:] = chained + [item for item in items if item not in keyed]
 
 
+@pytest.hookimpl(optionalhook=True)   # an xdist hook: without xdist (-p no:xdist) it is never called
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadgroup":
         return None
