@@ -384,7 +384,7 @@ def _check_memory(need_for, count: int, flag: str, what: str, too_large: str, de
 
 def _sample(args) -> None:
     from .checkpoint import model_from_checkpoint, shipped_checkpoint_path
-    from .outputs import check_outputs, torch_save, write_file
+    from .outputs import check_outputs, torch_save, what_is_left, write_file
     from .sampling import check_samples, ddim_sample, ddpm_sample
     import matplotlib.pyplot as plt
 
@@ -424,25 +424,21 @@ def _sample(args) -> None:
     else:
         result = ddpm_sample(model, schedule, n=args.n, seed=args.seed, y=y, guidance=args.guidance)
     check_samples(result)                               # NaN or far outside [-1, 1]: nothing is written
-    written = []
-
-    def left(path) -> str:
+    def left(path, written: str | None = None) -> str:
         """What a full disk leaves, for its one line: the file --force would have replaced, and
-        what this command wrote before."""
-        kept = f"{path} still holds its previous contents" if Path(path).exists() else f"{path} was not written"
-        done = f" ({' and '.join(written)} written)" if written else ""
-        return (f"{kept}{done}; free some space, or choose another path, and sample again (the same --seed gives "
-                "the same images)")
+        the file this command wrote before."""
+        done = f" ({written} written)" if written else ""
+        return (f"{what_is_left(path, f'{path} was not written')}{done}; free some space, or choose another path, "
+                "and sample again (the same --seed gives the same images)")
 
     if args.png:
         image = grid_array(result.images)         # grey or RGB, one image pixel = one PNG pixel
         write_file(args.png, lambda f: plt.imsave(f, image, cmap="gray", vmin=0, vmax=1,
                                                   format=Path(args.png).suffix[1:].lower()),
                    need=4 * pixels, left=left(args.png))
-        written.append(args.png)
         print(f"wrote {args.png}")
     if args.tensor:
-        torch_save(result.images, args.tensor, left=left(args.tensor))
+        torch_save(result.images, args.tensor, left=left(args.tensor, written=args.png))
         print(f"wrote {args.tensor}: tensor {tuple(result.images.shape)} in [-1, 1]")
 
 

@@ -35,7 +35,7 @@ import torch
 
 from .checkpoint import model_from_checkpoint, shipped_checkpoint_path
 from .data import CLASSES
-from .outputs import check_outputs, write_file
+from .outputs import check_outputs, what_is_left, write_file
 from .sampling import ddim_timesteps
 
 SCHEDULE_FORMAT = "ddpm_tutorial/schedule/1"
@@ -142,10 +142,10 @@ def export_files(model_path, json_path, checkpoint=None, opset: int = OPSET, cla
     info = {**schedule_coefficients(schedule), **classes, "checkpoint": ckpt_path.name,   # refuses v before
             "checkpoint_sha256": file_sha256(ckpt_path), "checkpoint_step": int(ckpt.get("step", 0)),  # writing
             "image_size": model.config.image_size, "in_channels": model.config.in_channels}
-    kept = "still holds its previous contents" if Path(json_path).exists() else "was not written"
     export_onnx(model, model_path, opset=opset)
-    _write_json(json_path, info, left=f"{json_path} {kept}, while {model_path} was written: the two belong "
-                                      "together, so free some space and export again")
+    _write_json(json_path, info, left=f"{what_is_left(json_path, f'{json_path} was not written')}, while "
+                                      f"{model_path} was written: the two belong together, so free some space "
+                                      "and export again")
     return info
 
 

@@ -185,6 +185,12 @@ class _Recorder:
         return getattr(self.f, name)
 
 
+def what_is_left(path, absent: str = "no file was written") -> str:
+    """What a failed write to ``path`` leaves there: its old file (writes are atomic, so a failed one
+    changes nothing), or ``absent`` where there was none."""
+    return f"{path} still holds its previous contents" if Path(path).exists() else absent
+
+
 def write_file(path, write, need: int | None = None, left: str | None = None) -> Path:
     """Write a file atomically: ``write(f)`` fills a binary temporary file beside ``path``,
     which is flushed to disk and renamed over ``path``. Missing folders are made, and removed
@@ -195,8 +201,7 @@ def write_file(path, write, need: int | None = None, left: str | None = None) ->
         path = path.resolve()
     free = free_bytes(path.parent)
     if need and free is not None and free < need:
-        raise DiskFullError(disk_full_message(path, need, left or (
-            f"{path} still holds its previous contents" if path.exists() else "no file was written"), full=False))
+        raise DiskFullError(disk_full_message(path, need, left or what_is_left(path), full=False))
     made = [p for p in reversed(path.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
@@ -220,9 +225,8 @@ def write_file(path, write, need: int | None = None, left: str | None = None) ->
         full = (recorder is not None and recorder.error is not None and recorder.error.errno == errno.ENOSPC) or \
             (isinstance(err, OSError) and err.errno == errno.ENOSPC)
         if full and not isinstance(err, DiskFullError):
-            default = (f"{path} still holds its previous contents" if path.exists() else "no file was written")
             written = recorder.written if recorder is not None else 0
-            raise DiskFullError(disk_full_message(path, max(need or 0, written), left or default)) from err
+            raise DiskFullError(disk_full_message(path, max(need or 0, written), left or what_is_left(path))) from err
         raise
     return path
 

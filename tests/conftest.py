@@ -4,6 +4,7 @@ writes too), by whichever xdist worker asks first; the other waits and reuses it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -220,6 +221,7 @@ def chapter_of(nodeid: str) -> tuple[str, int] | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)       # the hooks and tests of one process ask several times
 def _chains() -> dict[str, str]:
     return execution_chains(sorted((ROOT / "notebooks").glob("*.ipynb")))
 
